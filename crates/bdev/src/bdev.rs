@@ -22,11 +22,7 @@ pub trait BdevBackend: Send + Sync + 'static {
     fn io_type_supported(&self, t: IoType) -> bool;
 
     /// Creates this reactor's channel for the bdev. Runs on reactor `r`.
-    fn create_channel(
-        &self,
-        bdev: &Arc<Bdev>,
-        r: &mut Reactor,
-    ) -> Result<Box<dyn ChannelBackend>, BdevError>;
+    fn create_channel(&self, bdev: &Arc<Bdev>, r: &mut Reactor) -> Result<Box<dyn ChannelBackend>, BdevError>;
 
     /// Whether writes may sit in a volatile cache until a flush (drives virtio-blk FLUSH, SCSI
     /// WCE and NVMe VWC).
@@ -49,6 +45,11 @@ pub trait BdevBackend: Send + Sync + 'static {
 
     /// Called once when the bdev is unregistered.
     fn on_delete(&self) {}
+
+    /// Makes completed writes durable from a control thread (used at shutdown).
+    fn flush_sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Geometry and identity given when a bdev is created.
@@ -101,13 +102,7 @@ pub struct Bdev {
 
 impl std::fmt::Debug for Bdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Bdev({} {}x{})",
-            self.name,
-            self.num_blocks(),
-            self.block_size
-        )
+        write!(f, "Bdev({} {}x{})", self.name, self.num_blocks(), self.block_size)
     }
 }
 
@@ -125,25 +120,16 @@ impl Bdev {
         if p.block_size < 512 || p.block_size > MAX_BLOCK_SIZE || !p.block_size.is_power_of_two() {
             return Err(BdevError::InvalidParam {
                 param: "block_size",
-                msg: format!(
-                    "{} is not a power of two between 512 and {MAX_BLOCK_SIZE}",
-                    p.block_size
-                ),
+                msg: format!("{} is not a power of two between 512 and {MAX_BLOCK_SIZE}", p.block_size),
             });
         }
         if p.num_blocks == 0 {
-            return Err(BdevError::InvalidParam {
-                param: "num_blocks",
-                msg: "must be greater than 0".into(),
-            });
+            return Err(BdevError::InvalidParam { param: "num_blocks", msg: "must be greater than 0".into() });
         }
         if p.num_blocks.checked_mul(u64::from(p.block_size)).is_none() {
             return Err(BdevError::InvalidParam {
                 param: "num_blocks",
-                msg: format!(
-                    "{} blocks of {} bytes overflow a 64-bit byte size",
-                    p.num_blocks, p.block_size
-                ),
+                msg: format!("{} blocks of {} bytes overflow a 64-bit byte size", p.num_blocks, p.block_size),
             });
         }
         Ok(Arc::new(Bdev {
@@ -235,15 +221,9 @@ impl Bdev {
     pub fn claim(&self, owner: &str, exclusive: bool) -> Result<(), BdevError> {
         let mut c = lock(&self.claims);
         if let Some(held) = c.iter().find(|c| c.exclusive || exclusive) {
-            return Err(BdevError::Claimed {
-                name: self.name.clone(),
-                owner: held.owner.clone(),
-            });
+            return Err(BdevError::Claimed { name: self.name.clone(), owner: held.owner.clone() });
         }
-        c.push(Claim {
-            owner: owner.to_string(),
-            exclusive,
-        });
+        c.push(Claim { owner: owner.to_string(), exclusive });
         Ok(())
     }
 
@@ -293,8 +273,7 @@ impl Bdev {
 
     pub(crate) fn retire_stats(&self, s: &Arc<ChannelStats>) {
         let mut set = lock(&self.stats);
-        set.live
-            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(s)));
+        set.live.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(s)));
         let snap = s.snapshot();
         set.retired.merge(&snap);
     }
@@ -312,11 +291,7 @@ impl Bdev {
     /// Counters of each open channel, with its core.
     pub fn channel_stats(&self) -> Vec<(u64, StatsSnapshot)> {
         let set = lock(&self.stats);
-        set.live
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|s| (s.core(), s.snapshot()))
-            .collect()
+        set.live.iter().filter_map(Weak::upgrade).map(|s| (s.core(), s.snapshot())).collect()
     }
 
     /// Resets statistics to zero (`bdev_reset_iostat`). Live channels are zeroed by their owner's
@@ -337,15 +312,9 @@ impl Bdev {
 /// Bdev names: 1..=255 printable characters without whitespace or `/`.
 pub fn validate_name(name: &str) -> Result<(), BdevError> {
     if name.is_empty() || name.len() > 255 {
-        return Err(BdevError::InvalidParam {
-            param: "name",
-            msg: "must be 1 to 255 characters".into(),
-        });
+        return Err(BdevError::InvalidParam { param: "name", msg: "must be 1 to 255 characters".into() });
     }
-    if name
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-    {
+    if name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
         return Err(BdevError::InvalidParam {
             param: "name",
             msg: format!("'{name}' contains whitespace, '/' or control characters"),

@@ -131,20 +131,10 @@ impl BdevChannel {
         });
         let backend = bdev.backend().create_channel(&bdev, r)?;
         let stats = Arc::new(ChannelStats::default());
-        stats
-            .core
-            .store(r.core() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats.core.store(r.core() as u64, std::sync::atomic::Ordering::Relaxed);
         bdev.register_stats(&stats);
-        let shared = Rc::new(ChannelShared {
-            stats,
-            inflight: Cell::new(0),
-            parked_resets: RefCell::new(Vec::new()),
-        });
-        Ok(Self {
-            bdev,
-            backend,
-            shared,
-        })
+        let shared = Rc::new(ChannelShared { stats, inflight: Cell::new(0), parked_resets: RefCell::new(Vec::new()) });
+        Ok(Self { bdev, backend, shared })
     }
 
     /// The bdev.
@@ -163,23 +153,15 @@ impl BdevChannel {
         let kind = op.io_type();
         let bs = u64::from(self.bdev.block_size());
         let bytes = match &op {
-            IoOp::Read { num_blocks, .. }
-            | IoOp::Write { num_blocks, .. }
-            | IoOp::WriteZeroes { num_blocks, .. } => num_blocks.saturating_mul(bs),
-            IoOp::Unmap { ranges } => ranges
-                .iter()
-                .map(|r| r.num_blocks)
-                .fold(0u64, u64::saturating_add)
-                .saturating_mul(bs),
+            IoOp::Read { num_blocks, .. } | IoOp::Write { num_blocks, .. } | IoOp::WriteZeroes { num_blocks, .. } => {
+                num_blocks.saturating_mul(bs)
+            }
+            IoOp::Unmap { ranges } => {
+                ranges.iter().map(|r| r.num_blocks).fold(0u64, u64::saturating_add).saturating_mul(bs)
+            }
             IoOp::Flush | IoOp::Reset => 0,
         };
-        let token = IoToken {
-            cb,
-            start: Instant::now(),
-            kind,
-            bytes,
-            shared: self.shared.clone(),
-        };
+        let token = IoToken { cb, start: Instant::now(), kind, bytes, shared: self.shared.clone() };
         self.shared.stats.record_submit();
         if let Err(e) = self.validate(&op) {
             tracing::debug!(bdev = self.bdev.name(), ?kind, "rejected I/O: {e}");
@@ -211,17 +193,7 @@ impl BdevChannel {
         let in_range = |off: u64, n: u64| off.checked_add(n).is_some_and(|end| end <= cap);
         let bs = u64::from(self.bdev.block_size());
         match op {
-            IoOp::Read {
-                offset_blocks,
-                num_blocks,
-                iovs,
-            }
-            | IoOp::Write {
-                offset_blocks,
-                num_blocks,
-                iovs,
-                ..
-            } => {
+            IoOp::Read { offset_blocks, num_blocks, iovs } | IoOp::Write { offset_blocks, num_blocks, iovs, .. } => {
                 if !in_range(*offset_blocks, *num_blocks) {
                     return Err(IoError::OutOfRange);
                 }
@@ -229,19 +201,13 @@ impl BdevChannel {
                     return Err(IoError::InvalidLength);
                 }
             }
-            IoOp::WriteZeroes {
-                offset_blocks,
-                num_blocks,
-            } => {
+            IoOp::WriteZeroes { offset_blocks, num_blocks } => {
                 if !in_range(*offset_blocks, *num_blocks) {
                     return Err(IoError::OutOfRange);
                 }
             }
             IoOp::Unmap { ranges } => {
-                if ranges
-                    .iter()
-                    .any(|r| !in_range(r.offset_blocks, r.num_blocks))
-                {
+                if ranges.iter().any(|r| !in_range(r.offset_blocks, r.num_blocks)) {
                     return Err(IoError::OutOfRange);
                 }
             }

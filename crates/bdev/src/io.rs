@@ -16,14 +16,8 @@ pub enum IoType {
 
 impl IoType {
     /// Every I/O type, in the order `bdev_get_bdevs` lists them.
-    pub const ALL: [IoType; 6] = [
-        IoType::Read,
-        IoType::Write,
-        IoType::Unmap,
-        IoType::WriteZeroes,
-        IoType::Flush,
-        IoType::Reset,
-    ];
+    pub const ALL: [IoType; 6] =
+        [IoType::Read, IoType::Write, IoType::Unmap, IoType::WriteZeroes, IoType::Flush, IoType::Reset];
 
     /// SPDK's name for the type in `supported_io_types`.
     pub fn spdk_name(self) -> &'static str {
@@ -111,10 +105,7 @@ impl IoVecs {
         if len == 0 {
             return;
         }
-        self.v.push(libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        });
+        self.v.push(libc::iovec { iov_base: ptr.cast(), iov_len: len });
         self.total += len as u64;
     }
 
@@ -141,9 +132,7 @@ impl IoVecs {
     /// Whether every segment's address and length are multiples of `align`.
     pub fn is_aligned(&self, align: usize) -> bool {
         align <= 1
-            || self.v.iter().all(|s| {
-                (s.iov_base as usize).is_multiple_of(align) && s.iov_len.is_multiple_of(align)
-            })
+            || self.v.iter().all(|s| (s.iov_base as usize).is_multiple_of(align) && s.iov_len.is_multiple_of(align))
     }
 
     /// Drops the first `n` bytes (after a short transfer).
@@ -181,9 +170,7 @@ impl IoVecs {
             // SAFETY: the segment is valid for writes of `iov_len` bytes (contract of `push_raw`),
             // `n <= iov_len`, and `src[off..off+n]` is in bounds. The regions cannot overlap
             // because `src` is a Rust slice and segments may not alias Rust references.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr().add(off), s.iov_base.cast::<u8>(), n)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(off), s.iov_base.cast::<u8>(), n) };
             off += n;
         }
         off
@@ -198,9 +185,7 @@ impl IoVecs {
             }
             let n = s.iov_len.min(dst.len() - off);
             // SAFETY: as in `copy_from`, with the directions swapped.
-            unsafe {
-                std::ptr::copy_nonoverlapping(s.iov_base.cast::<u8>(), dst.as_mut_ptr().add(off), n)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(s.iov_base.cast::<u8>(), dst.as_mut_ptr().add(off), n) };
             off += n;
         }
         off

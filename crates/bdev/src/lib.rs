@@ -36,18 +36,11 @@ pub enum BdevError {
     #[error("bdev '{name}' is in use by {owner}")]
     Claimed { name: String, owner: String },
     #[error("bdev '{name}' is a {is}, not a {expected}")]
-    WrongType {
-        name: String,
-        is: &'static str,
-        expected: String,
-    },
+    WrongType { name: String, is: &'static str, expected: String },
     #[error("invalid {param}: {msg}")]
     InvalidParam { param: &'static str, msg: String },
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
 }
 
 impl BdevError {

@@ -23,26 +23,11 @@ impl BdevBackend for MallocBackend {
     }
 
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(
-            t,
-            IoType::Read
-                | IoType::Write
-                | IoType::Flush
-                | IoType::Reset
-                | IoType::Unmap
-                | IoType::WriteZeroes
-        )
+        matches!(t, IoType::Read | IoType::Write | IoType::Flush | IoType::Reset | IoType::Unmap | IoType::WriteZeroes)
     }
 
-    fn create_channel(
-        &self,
-        _bdev: &Arc<Bdev>,
-        _r: &mut Reactor,
-    ) -> Result<Box<dyn ChannelBackend>, BdevError> {
-        Ok(Box::new(MallocChannel {
-            mem: self.mem.clone(),
-            block_size: self.block_size,
-        }))
+    fn create_channel(&self, _bdev: &Arc<Bdev>, _r: &mut Reactor) -> Result<Box<dyn ChannelBackend>, BdevError> {
+        Ok(Box::new(MallocChannel { mem: self.mem.clone(), block_size: self.block_size }))
     }
 
     fn driver_specific(&self) -> Value {
@@ -85,11 +70,7 @@ impl MallocChannel {
 impl ChannelBackend for MallocChannel {
     fn submit(&mut self, op: IoOp, token: IoToken) {
         let res = match op {
-            IoOp::Read {
-                offset_blocks,
-                num_blocks,
-                iovs,
-            } => match self.at(offset_blocks, num_blocks) {
+            IoOp::Read { offset_blocks, num_blocks, iovs } => match self.at(offset_blocks, num_blocks) {
                 Some((p, len)) => {
                     // SAFETY: `p..p+len` is inside the mapping, which lives while `self.mem` does.
                     // Concurrent writers to the same blocks race as on a real disk; no Rust
@@ -100,12 +81,7 @@ impl ChannelBackend for MallocChannel {
                 }
                 None => Err(crate::IoError::OutOfRange),
             },
-            IoOp::Write {
-                offset_blocks,
-                num_blocks,
-                iovs,
-                ..
-            } => match self.at(offset_blocks, num_blocks) {
+            IoOp::Write { offset_blocks, num_blocks, iovs, .. } => match self.at(offset_blocks, num_blocks) {
                 Some((p, len)) => {
                     // SAFETY: as for reads.
                     let dst = unsafe { std::slice::from_raw_parts_mut(p, len) };
@@ -114,13 +90,8 @@ impl ChannelBackend for MallocChannel {
                 }
                 None => Err(crate::IoError::OutOfRange),
             },
-            IoOp::WriteZeroes {
-                offset_blocks,
-                num_blocks,
-            } => self.zero(offset_blocks, num_blocks),
-            IoOp::Unmap { ranges } => ranges
-                .iter()
-                .try_for_each(|r| self.zero(r.offset_blocks, r.num_blocks)),
+            IoOp::WriteZeroes { offset_blocks, num_blocks } => self.zero(offset_blocks, num_blocks),
+            IoOp::Unmap { ranges } => ranges.iter().try_for_each(|r| self.zero(r.offset_blocks, r.num_blocks)),
             IoOp::Flush | IoOp::Reset => Ok(()),
         };
         token.defer(res);
@@ -129,9 +100,7 @@ impl ChannelBackend for MallocChannel {
 
 impl MallocChannel {
     fn zero(&self, offset_blocks: u64, num_blocks: u64) -> crate::IoResult {
-        let (p, len) = self
-            .at(offset_blocks, num_blocks)
-            .ok_or(crate::IoError::OutOfRange)?;
+        let (p, len) = self.at(offset_blocks, num_blocks).ok_or(crate::IoError::OutOfRange)?;
         // SAFETY: `p..p+len` is inside the mapping.
         unsafe { std::ptr::write_bytes(p, 0, len) };
         Ok(())
@@ -144,25 +113,10 @@ pub fn create(p: BdevParams, memfd: bool) -> Result<Arc<Bdev>, BdevError> {
         .num_blocks
         .checked_mul(u64::from(p.block_size))
         .and_then(|s| usize::try_from(s).ok())
-        .ok_or_else(|| BdevError::InvalidParam {
-            param: "num_blocks",
-            msg: "size overflows".into(),
-        })?;
-    let mem = if memfd {
-        Mapping::memfd(&p.name, size)
-    } else {
-        Mapping::anonymous(size)
-    }
-    .map_err(|source| BdevError::Io {
-        context: format!("allocating {size} bytes for malloc bdev {}", p.name),
-        source,
+        .ok_or_else(|| BdevError::InvalidParam { param: "num_blocks", msg: "size overflows".into() })?;
+    let mem = if memfd { Mapping::memfd(&p.name, size) } else { Mapping::anonymous(size) }.map_err(|source| {
+        BdevError::Io { context: format!("allocating {size} bytes for malloc bdev {}", p.name), source }
     })?;
     let block_size = u64::from(p.block_size);
-    Bdev::new(
-        p,
-        Box::new(MallocBackend {
-            mem: Arc::new(mem),
-            block_size,
-        }),
-    )
+    Bdev::new(p, Box::new(MallocBackend { mem: Arc::new(mem), block_size }))
 }

@@ -20,12 +20,7 @@ unsafe impl Sync for Mapping {}
 
 impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Mapping({} bytes, memfd: {})",
-            self.len,
-            self.memfd.is_some()
-        )
+        write!(f, "Mapping({} bytes, memfd: {})", self.len, self.memfd.is_some())
     }
 }
 
@@ -46,8 +41,7 @@ impl Mapping {
         }
         // SAFETY: `fd` is fresh and owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let size =
-            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let size = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `fd` is a valid memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(io::Error::last_os_error());
@@ -57,37 +51,18 @@ impl Mapping {
 
     fn map(len: usize, memfd: Option<OwnedFd>) -> io::Result<Self> {
         if len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "zero-length mapping",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "zero-length mapping"));
         }
         let (flags, fd) = match &memfd {
             Some(f) => (libc::MAP_SHARED | libc::MAP_NORESERVE, f.as_raw_fd()),
-            None => (
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-            ),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
         };
         // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self {
-            ptr: p.cast(),
-            len,
-            memfd,
-        })
+        Ok(Self { ptr: p.cast(), len, memfd })
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -134,10 +109,7 @@ impl AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1)).ok()?;
         // SAFETY: the layout has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        Some(Self {
-            ptr: std::ptr::NonNull::new(p)?,
-            layout,
-        })
+        Some(Self { ptr: std::ptr::NonNull::new(p)?, layout })
     }
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {

@@ -18,22 +18,10 @@ impl BdevBackend for NullBackend {
     }
 
     fn io_type_supported(&self, t: IoType) -> bool {
-        matches!(
-            t,
-            IoType::Read
-                | IoType::Write
-                | IoType::Flush
-                | IoType::Reset
-                | IoType::Unmap
-                | IoType::WriteZeroes
-        )
+        matches!(t, IoType::Read | IoType::Write | IoType::Flush | IoType::Reset | IoType::Unmap | IoType::WriteZeroes)
     }
 
-    fn create_channel(
-        &self,
-        _bdev: &Arc<Bdev>,
-        _r: &mut Reactor,
-    ) -> Result<Box<dyn ChannelBackend>, BdevError> {
+    fn create_channel(&self, _bdev: &Arc<Bdev>, _r: &mut Reactor) -> Result<Box<dyn ChannelBackend>, BdevError> {
         Ok(Box::new(NullChannel))
     }
 

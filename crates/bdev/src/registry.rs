@@ -70,8 +70,7 @@ impl BdevRegistry {
 
     /// Like [`get`](Self::get), with a "not found" error naming the bdev.
     pub fn lookup(&self, name: &str) -> Result<Arc<Bdev>, BdevError> {
-        self.get(name)
-            .ok_or_else(|| BdevError::NotFound(name.to_string()))
+        self.get(name).ok_or_else(|| BdevError::NotFound(name.to_string()))
     }
 
     /// Every bdev, sorted by name.
@@ -82,20 +81,14 @@ impl BdevRegistry {
     /// Every bdev in creation order.
     pub fn list_in_creation_order(&self) -> Vec<Arc<Bdev>> {
         let m = self.lock();
-        self.order()
-            .iter()
-            .filter_map(|n| m.get(n).cloned())
-            .collect()
+        self.order().iter().filter_map(|n| m.get(n).cloned()).collect()
     }
 
     /// Removes `name` if `accept` approves of its backend (so `bdev_malloc_delete` cannot delete
     /// a null bdev). Refused while the bdev is claimed.
     pub fn unregister(&self, name: &str, product: &str) -> Result<Arc<Bdev>, BdevError> {
         let mut m = self.lock();
-        let b = m
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+        let b = m.get(name).cloned().ok_or_else(|| BdevError::NotFound(name.to_string()))?;
         if b.product_name() != product {
             return Err(BdevError::WrongType {
                 name: name.to_string(),
@@ -104,10 +97,7 @@ impl BdevRegistry {
             });
         }
         if let Some(c) = b.claims().first() {
-            return Err(BdevError::Claimed {
-                name: name.to_string(),
-                owner: c.owner.clone(),
-            });
+            return Err(BdevError::Claimed { name: name.to_string(), owner: c.owner.clone() });
         }
         m.remove(name);
         self.order().retain(|n| n != name);

@@ -46,10 +46,12 @@ stats_struct!(
     bytes_read,
     read_latency_ns,
     max_read_latency_ns,
+    min_read_latency_ns,
     num_write_ops,
     bytes_written,
     write_latency_ns,
     max_write_latency_ns,
+    min_write_latency_ns,
     num_unmap_ops,
     bytes_unmapped,
     unmap_latency_ns,
@@ -68,6 +70,14 @@ fn bump(a: &AtomicU64, v: u64) {
 }
 
 #[inline]
+fn min(a: &AtomicU64, v: u64) {
+    let cur = a.load(Relaxed);
+    if cur == 0 || v < cur {
+        a.store(v.max(1), Relaxed);
+    }
+}
+
+#[inline]
 fn max(a: &AtomicU64, v: u64) {
     if v > a.load(Relaxed) {
         a.store(v, Relaxed);
@@ -80,8 +90,7 @@ impl ChannelStats {
     }
 
     pub(crate) fn record(&self, kind: IoType, bytes: u64, latency_ns: u64, result: &IoResult) {
-        self.queue_depth
-            .store(self.queue_depth.load(Relaxed).saturating_sub(1), Relaxed);
+        self.queue_depth.store(self.queue_depth.load(Relaxed).saturating_sub(1), Relaxed);
         if result.is_err() {
             bump(&self.io_errors, 1);
             return;
@@ -92,12 +101,14 @@ impl ChannelStats {
                 bump(&self.bytes_read, bytes);
                 bump(&self.read_latency_ns, latency_ns);
                 max(&self.max_read_latency_ns, latency_ns);
+                min(&self.min_read_latency_ns, latency_ns);
             }
             IoType::Write => {
                 bump(&self.num_write_ops, 1);
                 bump(&self.bytes_written, bytes);
                 bump(&self.write_latency_ns, latency_ns);
                 max(&self.max_write_latency_ns, latency_ns);
+                min(&self.min_write_latency_ns, latency_ns);
             }
             IoType::Unmap => {
                 bump(&self.num_unmap_ops, 1);

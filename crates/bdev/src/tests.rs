@@ -34,16 +34,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let (r, _h) = Reactor::new_local(ReactorConfig {
-            mode: Mode::Poll,
-            ..Default::default()
-        })
-        .unwrap();
-        Self {
-            r,
-            rec: Rc::new(Recorder::default()),
-            next_tag: 0,
-        }
+        let (r, _h) = Reactor::new_local(ReactorConfig { mode: Mode::Poll, ..Default::default() }).unwrap();
+        Self { r, rec: Rc::new(Recorder::default()), next_tag: 0 }
     }
 
     fn channel(&mut self, b: &Arc<Bdev>) -> BdevChannel {
@@ -54,13 +46,7 @@ impl Harness {
         self.next_tag += 1;
         let tag = self.next_tag;
         self.rec.in_submit.set(true);
-        ch.submit(
-            op,
-            IoCallback {
-                sink: self.rec.clone(),
-                tag,
-            },
-        );
+        ch.submit(op, IoCallback { sink: self.rec.clone(), tag });
         self.rec.in_submit.set(false);
         tag
     }
@@ -85,13 +71,7 @@ impl Harness {
 }
 
 fn params(name: &str, block_size: u32, num_blocks: u64) -> BdevParams {
-    BdevParams {
-        name: name.into(),
-        uuid: None,
-        block_size,
-        num_blocks,
-        read_only: false,
-    }
+    BdevParams { name: name.into(), uuid: None, block_size, num_blocks, read_only: false }
 }
 
 /// iovecs over `buf`, split into pieces of `seg` bytes.
@@ -131,14 +111,7 @@ fn read(h: &mut Harness, ch: &mut BdevChannel, off: u64, blocks: u64, seg: usize
     let bs = u64::from(ch.bdev().block_size());
     let mut b = AlignedBuf::zeroed((blocks * bs) as usize, 4096).unwrap();
     b.as_mut_slice().fill(0xAA);
-    let r = h.run(
-        ch,
-        IoOp::Read {
-            offset_blocks: off,
-            num_blocks: blocks,
-            iovs: iovs(&mut b, seg),
-        },
-    );
+    let r = h.run(ch, IoOp::Read { offset_blocks: off, num_blocks: blocks, iovs: iovs(&mut b, seg) });
     assert_eq!(r, Ok(()));
     b.as_slice().to_vec()
 }
@@ -148,12 +121,7 @@ fn write(h: &mut Harness, ch: &mut BdevChannel, off: u64, data: &[u8], seg: usiz
     let mut b = buf_with(data, 4096);
     let r = h.run(
         ch,
-        IoOp::Write {
-            offset_blocks: off,
-            num_blocks: data.len() as u64 / bs,
-            iovs: iovs(&mut b, seg),
-            fua: false,
-        },
+        IoOp::Write { offset_blocks: off, num_blocks: data.len() as u64 / bs, iovs: iovs(&mut b, seg), fua: false },
     );
     assert_eq!(r, Ok(()));
 }
@@ -201,28 +169,13 @@ fn unmap_and_write_zeroes_clear_data_on_malloc() {
         &mut ch,
         IoOp::Unmap {
             ranges: smallvec![
-                BlockRange {
-                    offset_blocks: 10,
-                    num_blocks: 5
-                },
-                BlockRange {
-                    offset_blocks: 100,
-                    num_blocks: 1
-                }
+                BlockRange { offset_blocks: 10, num_blocks: 5 },
+                BlockRange { offset_blocks: 100, num_blocks: 1 }
             ],
         },
     );
     assert_eq!(r, Ok(()));
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::WriteZeroes {
-                offset_blocks: 200,
-                num_blocks: 56
-            }
-        ),
-        Ok(())
-    );
+    assert_eq!(h.run(&mut ch, IoOp::WriteZeroes { offset_blocks: 200, num_blocks: 56 }), Ok(()));
     let all = read(&mut h, &mut ch, 0, 256, 65536);
     let zero = |from: usize, n: usize| all[from * 512..(from + n) * 512].iter().all(|&x| x == 0);
     assert!(zero(10, 5) && zero(100, 1) && zero(200, 56));
@@ -235,36 +188,15 @@ fn bad_requests_complete_with_errors_not_panics() {
     let b = malloc::create(params("m3", 512, 100), false).unwrap();
     let mut ch = h.channel(&b);
     let mut buf = AlignedBuf::zeroed(1024, 512).unwrap();
-    let past_end = IoOp::Read {
-        offset_blocks: 99,
-        num_blocks: 2,
-        iovs: iovs(&mut buf, 1024),
-    };
+    let past_end = IoOp::Read { offset_blocks: 99, num_blocks: 2, iovs: iovs(&mut buf, 1024) };
     assert_eq!(h.run(&mut ch, past_end), Err(IoError::OutOfRange));
-    let wraps = IoOp::Read {
-        offset_blocks: u64::MAX,
-        num_blocks: 2,
-        iovs: iovs(&mut buf, 1024),
-    };
+    let wraps = IoOp::Read { offset_blocks: u64::MAX, num_blocks: 2, iovs: iovs(&mut buf, 1024) };
     assert_eq!(h.run(&mut ch, wraps), Err(IoError::OutOfRange));
-    let short_buffer = IoOp::Write {
-        offset_blocks: 0,
-        num_blocks: 3,
-        iovs: iovs(&mut buf, 1024),
-        fua: false,
-    };
+    let short_buffer = IoOp::Write { offset_blocks: 0, num_blocks: 3, iovs: iovs(&mut buf, 1024), fua: false };
     assert_eq!(h.run(&mut ch, short_buffer), Err(IoError::InvalidLength));
-    let huge = IoOp::WriteZeroes {
-        offset_blocks: 1,
-        num_blocks: u64::MAX,
-    };
+    let huge = IoOp::WriteZeroes { offset_blocks: 1, num_blocks: u64::MAX };
     assert_eq!(h.run(&mut ch, huge), Err(IoError::OutOfRange));
-    let unmap = IoOp::Unmap {
-        ranges: smallvec![BlockRange {
-            offset_blocks: 50,
-            num_blocks: 51
-        }],
-    };
+    let unmap = IoOp::Unmap { ranges: smallvec![BlockRange { offset_blocks: 50, num_blocks: 51 }] };
     assert_eq!(h.run(&mut ch, unmap), Err(IoError::OutOfRange));
     // The channel still works afterwards, and the errors were counted.
     assert_eq!(h.run(&mut ch, IoOp::Flush), Ok(()));
@@ -274,62 +206,20 @@ fn bad_requests_complete_with_errors_not_panics() {
 #[test]
 fn read_only_bdevs_refuse_writes_unmaps_and_write_zeroes() {
     let mut h = Harness::new();
-    let b = malloc::create(
-        BdevParams {
-            read_only: true,
-            ..params("ro", 512, 16)
-        },
-        false,
-    )
-    .unwrap();
+    let b = malloc::create(BdevParams { read_only: true, ..params("ro", 512, 16) }, false).unwrap();
     let mut ch = h.channel(&b);
     let mut buf = AlignedBuf::zeroed(512, 512).unwrap();
     assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::Write {
-                offset_blocks: 0,
-                num_blocks: 1,
-                iovs: iovs(&mut buf, 512),
-                fua: false
-            }
-        ),
+        h.run(&mut ch, IoOp::Write { offset_blocks: 0, num_blocks: 1, iovs: iovs(&mut buf, 512), fua: false }),
         Err(IoError::ReadOnly)
     );
+    assert_eq!(h.run(&mut ch, IoOp::WriteZeroes { offset_blocks: 0, num_blocks: 1 }), Err(IoError::ReadOnly));
     assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::WriteZeroes {
-                offset_blocks: 0,
-                num_blocks: 1
-            }
-        ),
-        Err(IoError::ReadOnly)
-    );
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::Unmap {
-                ranges: smallvec![BlockRange {
-                    offset_blocks: 0,
-                    num_blocks: 1
-                }]
-            }
-        ),
+        h.run(&mut ch, IoOp::Unmap { ranges: smallvec![BlockRange { offset_blocks: 0, num_blocks: 1 }] }),
         Err(IoError::ReadOnly)
     );
     assert!(!b.io_type_supported(IoType::Write));
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::Read {
-                offset_blocks: 0,
-                num_blocks: 1,
-                iovs: iovs(&mut buf, 512)
-            }
-        ),
-        Ok(())
-    );
+    assert_eq!(h.run(&mut ch, IoOp::Read { offset_blocks: 0, num_blocks: 1, iovs: iovs(&mut buf, 512) }), Ok(()));
 }
 
 #[test]
@@ -340,16 +230,7 @@ fn statistics_count_ops_and_bytes_per_type() {
     write(&mut h, &mut ch, 0, &pattern(1, 2048), 2048);
     read(&mut h, &mut ch, 0, 4, 2048);
     read(&mut h, &mut ch, 4, 2, 1024);
-    h.run(
-        &mut ch,
-        IoOp::Unmap {
-            ranges: smallvec![BlockRange {
-                offset_blocks: 0,
-                num_blocks: 8
-            }],
-        },
-    )
-    .unwrap();
+    h.run(&mut ch, IoOp::Unmap { ranges: smallvec![BlockRange { offset_blocks: 0, num_blocks: 8 }] }).unwrap();
     let s = b.stats();
     assert_eq!((s.num_write_ops, s.bytes_written), (1, 2048));
     assert_eq!((s.num_read_ops, s.bytes_read), (2, 3072));
@@ -364,17 +245,12 @@ fn statistics_count_ops_and_bytes_per_type() {
 #[test]
 fn registry_names_are_unique_and_claimed_bdevs_cannot_be_deleted() {
     let reg = BdevRegistry::new();
-    let b = reg
-        .register(malloc::create(params("Malloc0", 512, 8), false).unwrap())
-        .unwrap();
+    let b = reg.register(malloc::create(params("Malloc0", 512, 8), false).unwrap()).unwrap();
     let dup = reg.register(malloc::create(params("Malloc0", 512, 8), false).unwrap());
     assert!(matches!(dup, Err(BdevError::Exists(_))));
     assert_eq!(reg.get(&b.uuid().to_string()).unwrap().name(), "Malloc0");
     b.claim("vhost.0", true).unwrap();
-    assert!(matches!(
-        b.claim("other", false),
-        Err(BdevError::Claimed { .. })
-    ));
+    assert!(matches!(b.claim("other", false), Err(BdevError::Claimed { .. })));
     let e = reg.unregister("Malloc0", malloc::PRODUCT).unwrap_err();
     assert!(e.to_string().contains("vhost.0"), "{e}");
     let e = reg.unregister("Malloc0", null::PRODUCT).unwrap_err();
@@ -382,10 +258,7 @@ fn registry_names_are_unique_and_claimed_bdevs_cannot_be_deleted() {
     b.release("vhost.0");
     reg.unregister("Malloc0", malloc::PRODUCT).unwrap();
     assert!(reg.get("Malloc0").is_none());
-    assert!(matches!(
-        reg.unregister("Malloc0", malloc::PRODUCT),
-        Err(BdevError::NotFound(_))
-    ));
+    assert!(matches!(reg.unregister("Malloc0", malloc::PRODUCT), Err(BdevError::NotFound(_))));
 }
 
 #[test]
@@ -419,27 +292,13 @@ fn resize_notifies_listeners_and_moves_the_end() {
     let s2 = seen.clone();
     b.listen(move |e| s2.lock().unwrap().push(e.clone()));
     b.resize(16).unwrap();
-    assert_eq!(
-        *seen.lock().unwrap(),
-        vec![BdevEvent::Resized { num_blocks: 16 }]
-    );
+    assert_eq!(*seen.lock().unwrap(), vec![BdevEvent::Resized { num_blocks: 16 }]);
     let mut ch = h.channel(&b);
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::WriteZeroes {
-                offset_blocks: 15,
-                num_blocks: 1
-            }
-        ),
-        Ok(())
-    );
+    assert_eq!(h.run(&mut ch, IoOp::WriteZeroes { offset_blocks: 15, num_blocks: 1 }), Ok(()));
 }
 
 fn temp_file(blocks: u64, bs: u64) -> (tempfile::TempDir, String) {
-    let dir =
-        tempfile::tempdir_in(std::env::var("VSTOR_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
-            .unwrap();
+    let dir = tempfile::tempdir_in(std::env::var("VSTOR_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
     let path = dir.path().join("disk.img");
     let f = std::fs::File::create(&path).unwrap();
     f.set_len(blocks * bs).unwrap();
@@ -475,37 +334,13 @@ fn uring_round_trips_data_including_misaligned_buffers() {
     let mut v = IoVecs::new();
     // SAFETY: `raw` outlives the I/O and is not borrowed while it runs.
     unsafe { v.push_raw(raw.as_mut_ptr().add(1), 16 * bs) };
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::Write {
-                offset_blocks: 100,
-                num_blocks: 16,
-                iovs: v,
-                fua: true
-            }
-        ),
-        Ok(())
-    );
-    assert_eq!(
-        read(&mut h, &mut ch, 100, 16, 100_000),
-        pattern(12, 16 * bs)
-    );
+    assert_eq!(h.run(&mut ch, IoOp::Write { offset_blocks: 100, num_blocks: 16, iovs: v, fua: true }), Ok(()));
+    assert_eq!(read(&mut h, &mut ch, 100, 16, 100_000), pattern(12, 16 * bs));
     let mut out = vec![0u8; 16 * bs + 3];
     let mut v = IoVecs::new();
     // SAFETY: as above.
     unsafe { v.push_raw(out.as_mut_ptr().add(3), 16 * bs) };
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::Read {
-                offset_blocks: 8,
-                num_blocks: 16,
-                iovs: v
-            }
-        ),
-        Ok(())
-    );
+    assert_eq!(h.run(&mut ch, IoOp::Read { offset_blocks: 8, num_blocks: 16, iovs: v }), Ok(()));
     assert_eq!(&out[3..], &data[..]);
     assert_eq!(h.run(&mut ch, IoOp::Flush), Ok(()));
     // What was written is in the file itself.
@@ -527,34 +362,14 @@ fn uring_unmap_and_write_zeroes_leave_zeroes_in_the_file() {
     assert_eq!(
         h.run(
             &mut ch,
-            IoOp::Unmap {
-                ranges: smallvec![BlockRange {
-                    offset_blocks: blocks_4k,
-                    num_blocks: blocks_4k * 2
-                }]
-            }
+            IoOp::Unmap { ranges: smallvec![BlockRange { offset_blocks: blocks_4k, num_blocks: blocks_4k * 2 }] }
         ),
         Ok(())
     );
-    assert_eq!(
-        h.run(
-            &mut ch,
-            IoOp::WriteZeroes {
-                offset_blocks: blocks_4k * 10,
-                num_blocks: blocks_4k * 3
-            }
-        ),
-        Ok(())
-    );
+    assert_eq!(h.run(&mut ch, IoOp::WriteZeroes { offset_blocks: blocks_4k * 10, num_blocks: blocks_4k * 3 }), Ok(()));
     let file = std::fs::read(&path).unwrap();
-    assert!(
-        file[4096..3 * 4096].iter().all(|&x| x == 0),
-        "punched range reads zero"
-    );
-    assert!(
-        file[10 * 4096..13 * 4096].iter().all(|&x| x == 0),
-        "zeroed range reads zero"
-    );
+    assert!(file[4096..3 * 4096].iter().all(|&x| x == 0), "punched range reads zero");
+    assert!(file[10 * 4096..13 * 4096].iter().all(|&x| x == 0), "zeroed range reads zero");
     assert_eq!(&file[..4096], &data[..4096]);
     assert_eq!(&file[3 * 4096..10 * 4096], &data[3 * 4096..10 * 4096]);
 }
@@ -569,32 +384,18 @@ fn uring_handles_more_ios_than_the_ring_holds() {
     let mut ch = h.channel(&b);
     // 3000 single-block writes at once: more than the SQ (1024) and the op table (2048).
     let n = 3000.min(blocks);
-    let mut bufs: Vec<AlignedBuf> = (0..n)
-        .map(|i| buf_with(&pattern(i as u64, bs), 4096))
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = (0..n).map(|i| buf_with(&pattern(i as u64, bs), 4096)).collect();
     let tags: Vec<u64> = (0..n)
         .map(|i| {
             let v = iovs(&mut bufs[i], bs);
-            h.submit(
-                &mut ch,
-                IoOp::Write {
-                    offset_blocks: i as u64,
-                    num_blocks: 1,
-                    iovs: v,
-                    fua: false,
-                },
-            )
+            h.submit(&mut ch, IoOp::Write { offset_blocks: i as u64, num_blocks: 1, iovs: v, fua: false })
         })
         .collect();
     for t in tags {
         assert_eq!(h.wait(t), Ok(()));
     }
     for i in [0, 1023, 1024, 2047, 2048, n - 1] {
-        assert_eq!(
-            read(&mut h, &mut ch, i as u64, 1, bs),
-            pattern(i as u64, bs),
-            "block {i}"
-        );
+        assert_eq!(read(&mut h, &mut ch, i as u64, 1, bs), pattern(i as u64, bs), "block {i}");
     }
 }
 
@@ -603,11 +404,7 @@ fn uring_refuses_missing_files_and_blocks_bigger_than_the_file() {
     let e = uring::create(uring_opts("u3", "/nonexistent/disk.img")).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
     let (_d, path) = temp_file(1, 512);
-    let e = uring::create(uring::UringOptions {
-        block_size: Some(4096),
-        ..uring_opts("u4", &path)
-    })
-    .unwrap_err();
+    let e = uring::create(uring::UringOptions { block_size: Some(4096), ..uring_opts("u4", &path) }).unwrap_err();
     assert_eq!(e.param(), Some("filename"));
 }
 
@@ -622,15 +419,7 @@ fn reset_completes_after_earlier_io() {
     let writes: Vec<u64> = (0..8)
         .map(|i| {
             let v = iovs(&mut bufs[i], bs);
-            h.submit(
-                &mut ch,
-                IoOp::Write {
-                    offset_blocks: i as u64,
-                    num_blocks: 1,
-                    iovs: v,
-                    fua: false,
-                },
-            )
+            h.submit(&mut ch, IoOp::Write { offset_blocks: i as u64, num_blocks: 1, iovs: v, fua: false })
         })
         .collect();
     let reset = h.submit(&mut ch, IoOp::Reset);

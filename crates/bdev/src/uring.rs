@@ -27,8 +27,8 @@ use vstor_reactor::{EpollHandle, PollStatus, Poller, Reactor};
 
 use crate::mem::AlignedBuf;
 use crate::{
-    Bdev, BdevBackend, BdevError, BdevParams, BlockRange, ChannelBackend, IoError, IoOp, IoResult,
-    IoToken, IoType, IoVecs,
+    Bdev, BdevBackend, BdevError, BdevParams, BlockRange, ChannelBackend, IoError, IoOp, IoResult, IoToken, IoType,
+    IoVecs,
 };
 
 /// Product name of `bdev_uring_create` bdevs, as SPDK prints it.
@@ -103,11 +103,7 @@ impl BdevBackend for UringBackend {
         }
     }
 
-    fn create_channel(
-        &self,
-        _bdev: &Arc<Bdev>,
-        r: &mut Reactor,
-    ) -> Result<Box<dyn ChannelBackend>, BdevError> {
+    fn create_channel(&self, _bdev: &Arc<Bdev>, r: &mut Reactor) -> Result<Box<dyn ChannelBackend>, BdevError> {
         let engine = engine_for(r)?;
         Ok(Box::new(UringChannel {
             engine,
@@ -123,6 +119,10 @@ impl BdevBackend for UringBackend {
     fn write_cache(&self) -> bool {
         // Both the page cache and a device's own cache may hold completed writes until fdatasync.
         true
+    }
+
+    fn flush_sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
     }
 
     fn buf_align(&self) -> usize {
@@ -174,48 +174,25 @@ fn open_file(opts: &UringOptions) -> Result<FileInfo, BdevError> {
     let (file, direct) = match open(true) {
         Ok(f) => (f, true),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::info!(
-                file = opts.filename,
-                "O_DIRECT not supported here; using the page cache"
-            );
-            (
-                open(false).map_err(|source| BdevError::Io {
-                    context: ctx("opening"),
-                    source,
-                })?,
-                false,
-            )
+            tracing::info!(file = opts.filename, "O_DIRECT not supported here; using the page cache");
+            (open(false).map_err(|source| BdevError::Io { context: ctx("opening"), source })?, false)
         }
-        Err(source) => {
-            return Err(BdevError::Io {
-                context: ctx("opening"),
-                source,
-            })
-        }
+        Err(source) => return Err(BdevError::Io { context: ctx("opening"), source }),
     };
-    let md = file.metadata().map_err(|source| BdevError::Io {
-        context: ctx("inspecting"),
-        source,
-    })?;
+    let md = file.metadata().map_err(|source| BdevError::Io { context: ctx("inspecting"), source })?;
     let ft = md.file_type();
     let is_blockdev = ft.is_block_device();
     if !is_blockdev && !ft.is_file() {
         return Err(BdevError::InvalidParam {
             param: "filename",
-            msg: format!(
-                "'{}' is neither a regular file nor a block device",
-                opts.filename
-            ),
+            msg: format!("'{}' is neither a regular file nor a block device", opts.filename),
         });
     }
     let (size, dev_block) = if is_blockdev {
         let mut size: u64 = 0;
         // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
         if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) } != 0 {
-            return Err(BdevError::Io {
-                context: ctx("sizing"),
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(BdevError::Io { context: ctx("sizing"), source: std::io::Error::last_os_error() });
         }
         let mut bs: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
@@ -226,19 +203,8 @@ fn open_file(opts: &UringOptions) -> Result<FileInfo, BdevError> {
     } else {
         (md.len(), 512)
     };
-    let (offset_align, mem_align) = if direct {
-        probe_direct_alignment(&file, dev_block)
-    } else {
-        (dev_block, 1)
-    };
-    Ok(FileInfo {
-        file,
-        direct,
-        offset_align,
-        mem_align,
-        size,
-        is_blockdev,
-    })
+    let (offset_align, mem_align) = if direct { probe_direct_alignment(&file, dev_block) } else { (dev_block, 1) };
+    Ok(FileInfo { file, direct, offset_align, mem_align, size, is_blockdev })
 }
 
 /// Finds the O_DIRECT alignment by trying reads: offsets of 512 then 4096 bytes; buffers aligned
@@ -253,19 +219,11 @@ fn probe_direct_alignment(file: &File, dev_block: u32) -> (u32, usize) {
         r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
     };
     let base = buf.as_mut_ptr();
-    let offset_align: u32 = if dev_block <= 512 && try_read(base, 512) {
-        512
-    } else {
-        dev_block.max(4096)
-    };
+    let offset_align: u32 = if dev_block <= 512 && try_read(base, 512) { 512 } else { dev_block.max(4096) };
     let len = offset_align as usize;
     // SAFETY: base + 512 + len <= base + 8192 since len <= 4096... for larger device blocks we
     // skip the probe.
-    let mem_align = if len <= 4096 && try_read(unsafe { base.add(512) }, len) {
-        512
-    } else {
-        4096
-    };
+    let mem_align = if len <= 4096 && try_read(unsafe { base.add(512) }, len) { 512 } else { 4096 };
     (offset_align, mem_align)
 }
 
@@ -280,17 +238,17 @@ pub fn create(mut opts: UringOptions) -> Result<Arc<Bdev>, BdevError> {
     if block_size < info.offset_align || !block_size.is_multiple_of(info.offset_align) {
         return Err(BdevError::InvalidParam {
             param: "block_size",
-            msg: format!("{block_size} is smaller than or not a multiple of the {} bytes '{}' needs for direct I/O", info.offset_align, opts.filename),
+            msg: format!(
+                "{block_size} is smaller than or not a multiple of the {} bytes '{}' needs for direct I/O",
+                info.offset_align, opts.filename
+            ),
         });
     }
     let num_blocks = info.size / u64::from(block_size);
     if num_blocks == 0 {
         return Err(BdevError::InvalidParam {
             param: "filename",
-            msg: format!(
-                "'{}' is {} bytes, smaller than one {block_size}-byte block",
-                opts.filename, info.size
-            ),
+            msg: format!("'{}' is {} bytes, smaller than one {block_size}-byte block", opts.filename, info.size),
         });
     }
     tracing::debug!(
@@ -301,13 +259,8 @@ pub fn create(mut opts: UringOptions) -> Result<Arc<Bdev>, BdevError> {
         blockdev = info.is_blockdev,
         "opened"
     );
-    let params = BdevParams {
-        name: opts.name.clone(),
-        uuid: opts.uuid,
-        block_size,
-        num_blocks,
-        read_only: opts.readonly,
-    };
+    let params =
+        BdevParams { name: opts.name.clone(), uuid: opts.uuid, block_size, num_blocks, read_only: opts.readonly };
     let backend = UringBackend {
         file: info.file,
         direct: info.direct,
@@ -378,44 +331,28 @@ fn engine_for(r: &mut Reactor) -> Result<EngineRef, BdevError> {
     let engine = Rc::new(RefCell::new(Engine::new()?));
     local.0 = Some(engine.clone());
     let fd = engine.borrow().eventfd.as_raw_fd();
-    epoll.add(fd).map_err(|source| BdevError::Io {
-        context: "adding io_uring eventfd to the reactor".into(),
-        source,
-    })?;
-    r.add_poller(Box::new(EnginePoller {
-        engine: engine.clone(),
-        done: Vec::new(),
-        epoll,
-        fd,
-    }));
+    epoll
+        .add(fd)
+        .map_err(|source| BdevError::Io { context: "adding io_uring eventfd to the reactor".into(), source })?;
+    r.add_poller(Box::new(EnginePoller { engine: engine.clone(), done: Vec::new(), epoll, fd }));
     Ok(engine)
 }
 
 impl Engine {
     fn new() -> Result<Self, BdevError> {
         fn err(context: &'static str) -> impl Fn(std::io::Error) -> BdevError {
-            move |source| BdevError::Io {
-                context: context.to_string(),
-                source,
-            }
+            move |source| BdevError::Io { context: context.to_string(), source }
         }
-        let ring = IoUring::builder()
-            .setup_cqsize(SQ_ENTRIES * 4)
-            .build(SQ_ENTRIES)
-            .map_err(err("creating io_uring"))?;
+        let ring =
+            IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).build(SQ_ENTRIES).map_err(err("creating io_uring"))?;
         // SAFETY: eventfd takes no pointers; returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
-            return Err(BdevError::Io {
-                context: "creating eventfd".into(),
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(BdevError::Io { context: "creating eventfd".into(), source: std::io::Error::last_os_error() });
         }
         // SAFETY: `efd` is fresh and owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
-            .map_err(err("registering io_uring eventfd"))?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(err("registering io_uring eventfd"))?;
         let zeroes = AlignedBuf::zeroed(ZERO_CHUNK, 4096).ok_or_else(|| BdevError::Io {
             context: "allocating zero buffer".into(),
             source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
@@ -430,10 +367,7 @@ impl Engine {
             zeroes,
         };
         e.slots.resize_with(MAX_OPS, || None);
-        e.free = (0..MAX_OPS)
-            .rev()
-            .filter_map(|i| u32::try_from(i).ok())
-            .collect();
+        e.free = (0..MAX_OPS).rev().filter_map(|i| u32::try_from(i).ok()).collect();
         Ok(e)
     }
 
@@ -511,10 +445,7 @@ impl Engine {
         let fd = types::Fd(op.fd);
         match op.kind {
             Kind::Read | Kind::Write { .. } => self.rw_sqe(slot).into_iter().collect(),
-            Kind::Fsync => vec![opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .user_data(ud)],
+            Kind::Fsync => vec![opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(ud)],
             Kind::Unmap => op
                 .ranges
                 .iter()
@@ -527,13 +458,11 @@ impl Engine {
                 })
                 .collect(),
             Kind::ZeroRange => {
-                vec![
-                    opcode::Fallocate::new(fd, op.ranges[0].num_blocks * op.block_size)
-                        .offset(op.offset)
-                        .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
-                        .build()
-                        .user_data(ud),
-                ]
+                vec![opcode::Fallocate::new(fd, op.ranges[0].num_blocks * op.block_size)
+                    .offset(op.offset)
+                    .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+                    .user_data(ud)]
             }
             Kind::ZeroFill { .. } => {
                 let mut v = Vec::new();
@@ -557,32 +486,21 @@ impl Engine {
         let ud = u64::from(slot);
         Some(
             match op.kind {
-                Kind::Read if iov.len() == 1 => opcode::Read::new(
-                    fd,
-                    iov[0].iov_base.cast(),
-                    u32::try_from(iov[0].iov_len).ok()?,
-                )
-                .offset(op.offset)
-                .build(),
-                Kind::Read => opcode::Readv::new(fd, iov.as_ptr(), n)
-                    .offset(op.offset)
-                    .build(),
+                Kind::Read if iov.len() == 1 => {
+                    opcode::Read::new(fd, iov[0].iov_base.cast(), u32::try_from(iov[0].iov_len).ok()?)
+                        .offset(op.offset)
+                        .build()
+                }
+                Kind::Read => opcode::Readv::new(fd, iov.as_ptr(), n).offset(op.offset).build(),
                 Kind::Write { fua } => {
                     let flags = if fua { libc::RWF_DSYNC } else { 0 };
                     if iov.len() == 1 {
-                        opcode::Write::new(
-                            fd,
-                            iov[0].iov_base.cast_const().cast(),
-                            u32::try_from(iov[0].iov_len).ok()?,
-                        )
-                        .offset(op.offset)
-                        .rw_flags(flags)
-                        .build()
-                    } else {
-                        opcode::Writev::new(fd, iov.as_ptr(), n)
+                        opcode::Write::new(fd, iov[0].iov_base.cast_const().cast(), u32::try_from(iov[0].iov_len).ok()?)
                             .offset(op.offset)
                             .rw_flags(flags)
                             .build()
+                    } else {
+                        opcode::Writev::new(fd, iov.as_ptr(), n).offset(op.offset).rw_flags(flags).build()
                     }
                 }
                 _ => return None,
@@ -643,10 +561,7 @@ impl Poller for EnginePoller {
                     work = true;
                 }
                 Err(err)
-                    if matches!(
-                        err.raw_os_error(),
-                        Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)
-                    ) =>
+                    if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)) =>
                 {
                     work = true;
                 }
@@ -735,11 +650,7 @@ impl Engine {
                     // The file system cannot zero a range: remember, and write zeroes instead.
                     // SAFETY: `zero_flag` points at the backend, which outlives the op (the op's
                     // token holds the channel's bdev Arc, which owns the backend).
-                    unsafe {
-                        (*op.zero_flag)
-                            .zero_range_ok
-                            .store(false, Ordering::Relaxed)
-                    };
+                    unsafe { (*op.zero_flag).zero_range_ok.store(false, Ordering::Relaxed) };
                     let start = op.offset;
                     let end = start + op.ranges[0].num_blocks * op.block_size;
                     op.kind = Kind::ZeroFill { next: start, end };
@@ -764,11 +675,7 @@ impl Engine {
             }
             Kind::Fsync | Kind::Unmap => {
                 if res < 0 {
-                    let e = if res == -libc::EOPNOTSUPP {
-                        IoError::Unsupported
-                    } else {
-                        IoError::Os(-res)
-                    };
+                    let e = if res == -libc::EOPNOTSUPP { IoError::Unsupported } else { IoError::Os(-res) };
                     op.error.get_or_insert(e);
                 }
             }
@@ -862,16 +769,9 @@ impl ChannelBackend for UringChannel {
             zero_flag: self.zero_flag,
         };
         match op {
-            IoOp::Read {
-                offset_blocks,
-                iovs,
-                ..
-            }
-            | IoOp::Write {
-                offset_blocks,
-                iovs,
-                ..
-            } if iovs.total_len() == 0 => {
+            IoOp::Read { offset_blocks, iovs, .. } | IoOp::Write { offset_blocks, iovs, .. }
+                if iovs.total_len() == 0 =>
+            {
                 let _ = offset_blocks;
                 drop(iovs);
                 if let Some(t) = o.token.take() {
@@ -879,21 +779,12 @@ impl ChannelBackend for UringChannel {
                 }
                 return;
             }
-            IoOp::Read {
-                offset_blocks,
-                iovs,
-                ..
-            } => {
+            IoOp::Read { offset_blocks, iovs, .. } => {
                 o.kind = Kind::Read;
                 o.offset = offset_blocks * bs;
                 o.iovs = iovs;
             }
-            IoOp::Write {
-                offset_blocks,
-                iovs,
-                fua,
-                ..
-            } => {
+            IoOp::Write { offset_blocks, iovs, fua, .. } => {
                 o.kind = Kind::Write { fua };
                 o.offset = offset_blocks * bs;
                 o.iovs = iovs;
@@ -903,24 +794,15 @@ impl ChannelBackend for UringChannel {
                 o.kind = Kind::Unmap;
                 o.ranges = ranges;
             }
-            IoOp::WriteZeroes {
-                offset_blocks,
-                num_blocks,
-            } => {
+            IoOp::WriteZeroes { offset_blocks, num_blocks } => {
                 o.offset = offset_blocks * bs;
-                o.ranges.push(BlockRange {
-                    offset_blocks,
-                    num_blocks,
-                });
+                o.ranges.push(BlockRange { offset_blocks, num_blocks });
                 // SAFETY: `zero_flag` points at the backend, alive while `keep` is.
                 let zr = unsafe { (*self.zero_flag).zero_range_ok.load(Ordering::Relaxed) };
                 o.kind = if zr {
                     Kind::ZeroRange
                 } else {
-                    Kind::ZeroFill {
-                        next: o.offset,
-                        end: o.offset + num_blocks * bs,
-                    }
+                    Kind::ZeroFill { next: o.offset, end: o.offset + num_blocks * bs }
                 };
             }
         }

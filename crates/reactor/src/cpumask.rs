@@ -19,11 +19,7 @@ pub enum CpuMaskError {
     #[error("cpumask '{mask}': '{part}' is not a hex mask or a core number")]
     Syntax { mask: String, part: String },
     #[error("cpumask '{mask}': core {core} is beyond the supported maximum of {max}")]
-    TooLarge {
-        mask: String,
-        core: usize,
-        max: usize,
-    },
+    TooLarge { mask: String, core: usize, max: usize },
     #[error("cpumask '{mask}': range '{part}' runs backwards")]
     Backwards { mask: String, part: String },
 }
@@ -36,8 +32,7 @@ impl CpuMask {
         if t.is_empty() {
             return Err(CpuMaskError::Empty(s.to_string()));
         }
-        let is_list =
-            t.starts_with('[') || t.contains(',') || (t.contains('-') && !t.starts_with("0x"));
+        let is_list = t.starts_with('[') || t.contains(',') || (t.contains('-') && !t.starts_with("0x"));
         let mask = if is_list {
             let inner = t.trim_start_matches('[').trim_end_matches(']');
             Self::parse_list(s, inner)?
@@ -51,15 +46,9 @@ impl CpuMask {
     }
 
     fn parse_hex(orig: &str, t: &str) -> Result<Self, CpuMaskError> {
-        let hex = t
-            .strip_prefix("0x")
-            .or_else(|| t.strip_prefix("0X"))
-            .unwrap_or(t);
+        let hex = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(CpuMaskError::Syntax {
-                mask: orig.to_string(),
-                part: t.to_string(),
-            });
+            return Err(CpuMaskError::Syntax { mask: orig.to_string(), part: t.to_string() });
         }
         let mut cores = Vec::new();
         // Walk the digits from least significant; each nibble covers four cores.
@@ -69,11 +58,7 @@ impl CpuMask {
                 if v & (1 << bit) != 0 {
                     let core = nibble_idx * 4 + bit;
                     if core >= MAX_CORES {
-                        return Err(CpuMaskError::TooLarge {
-                            mask: orig.to_string(),
-                            core,
-                            max: MAX_CORES - 1,
-                        });
+                        return Err(CpuMaskError::TooLarge { mask: orig.to_string(), core, max: MAX_CORES - 1 });
                     }
                     cores.push(core);
                 }
@@ -85,32 +70,21 @@ impl CpuMask {
     fn parse_list(orig: &str, inner: &str) -> Result<Self, CpuMaskError> {
         let mut cores = Vec::new();
         for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let syntax = || CpuMaskError::Syntax {
-                mask: orig.to_string(),
-                part: part.to_string(),
-            };
+            let syntax = || CpuMaskError::Syntax { mask: orig.to_string(), part: part.to_string() };
             let (lo, hi) = match part.split_once('-') {
-                Some((a, b)) => (
-                    a.trim().parse::<usize>().map_err(|_| syntax())?,
-                    b.trim().parse::<usize>().map_err(|_| syntax())?,
-                ),
+                Some((a, b)) => {
+                    (a.trim().parse::<usize>().map_err(|_| syntax())?, b.trim().parse::<usize>().map_err(|_| syntax())?)
+                }
                 None => {
                     let c = part.parse::<usize>().map_err(|_| syntax())?;
                     (c, c)
                 }
             };
             if hi < lo {
-                return Err(CpuMaskError::Backwards {
-                    mask: orig.to_string(),
-                    part: part.to_string(),
-                });
+                return Err(CpuMaskError::Backwards { mask: orig.to_string(), part: part.to_string() });
             }
             if hi >= MAX_CORES {
-                return Err(CpuMaskError::TooLarge {
-                    mask: orig.to_string(),
-                    core: hi,
-                    max: MAX_CORES - 1,
-                });
+                return Err(CpuMaskError::TooLarge { mask: orig.to_string(), core: hi, max: MAX_CORES - 1 });
             }
             cores.extend(lo..=hi);
         }
@@ -156,11 +130,7 @@ impl CpuMask {
         for &c in &self.cores {
             nibbles[c / 4] |= 1 << (c % 4);
         }
-        let digits: String = nibbles
-            .iter()
-            .rev()
-            .map(|n| char::from_digit(u32::from(*n), 16).unwrap_or('0'))
-            .collect();
+        let digits: String = nibbles.iter().rev().map(|n| char::from_digit(u32::from(*n), 16).unwrap_or('0')).collect();
         let trimmed = digits.trim_start_matches('0');
         format!("0x{}", if trimmed.is_empty() { "0" } else { trimmed })
     }
@@ -202,26 +172,11 @@ mod tests {
     fn bad_masks_name_the_offending_part() {
         let e = CpuMask::parse("0xZZ").unwrap_err();
         assert!(e.to_string().contains("0xZZ"), "{e}");
-        assert_eq!(
-            CpuMask::parse("0x0").unwrap_err(),
-            CpuMaskError::Empty("0x0".into())
-        );
-        assert!(matches!(
-            CpuMask::parse("[3-1]").unwrap_err(),
-            CpuMaskError::Backwards { .. }
-        ));
-        assert!(matches!(
-            CpuMask::parse("[0,x]").unwrap_err(),
-            CpuMaskError::Syntax { .. }
-        ));
-        assert!(matches!(
-            CpuMask::parse("[5000]").unwrap_err(),
-            CpuMaskError::TooLarge { core: 5000, .. }
-        ));
-        assert!(matches!(
-            CpuMask::parse("").unwrap_err(),
-            CpuMaskError::Empty(_)
-        ));
+        assert_eq!(CpuMask::parse("0x0").unwrap_err(), CpuMaskError::Empty("0x0".into()));
+        assert!(matches!(CpuMask::parse("[3-1]").unwrap_err(), CpuMaskError::Backwards { .. }));
+        assert!(matches!(CpuMask::parse("[0,x]").unwrap_err(), CpuMaskError::Syntax { .. }));
+        assert!(matches!(CpuMask::parse("[5000]").unwrap_err(), CpuMaskError::TooLarge { core: 5000, .. }));
+        assert!(matches!(CpuMask::parse("").unwrap_err(), CpuMaskError::Empty(_)));
     }
 
     #[test]

@@ -93,9 +93,7 @@ impl std::str::FromStr for Mode {
             "poll" | "polling" => Ok(Mode::Poll),
             "interrupt" => Ok(Mode::Interrupt),
             "adaptive" => Ok(Mode::Adaptive),
-            other => Err(format!(
-                "reactor mode '{other}' is not one of poll, interrupt, adaptive"
-            )),
+            other => Err(format!("reactor mode '{other}' is not one of poll, interrupt, adaptive")),
         }
     }
 }
@@ -122,11 +120,7 @@ pub struct ReactorConfig {
 
 impl Default for ReactorConfig {
     fn default() -> Self {
-        Self {
-            mode: Mode::Adaptive,
-            idle_threshold: Duration::from_micros(300),
-            pin: true,
-        }
+        Self { mode: Mode::Adaptive, idle_threshold: Duration::from_micros(300), pin: true }
     }
 }
 
@@ -197,9 +191,7 @@ impl ReactorHandle {
 
     /// Queues `f` to run on the reactor. Does not wait.
     pub fn send(&self, f: impl FnOnce(&mut Reactor) + Send + 'static) -> Result<(), ReactorError> {
-        self.tx
-            .send(Box::new(f))
-            .map_err(|_| ReactorError::Gone(self.shared.core))?;
+        self.tx.send(Box::new(f)).map_err(|_| ReactorError::Gone(self.shared.core))?;
         // Pairs with the fence in `Reactor::sleep`: either the reactor sees the message before it
         // sleeps, or we see `sleeping` and wake it.
         fence(Ordering::SeqCst);
@@ -294,11 +286,7 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    fn new(
-        index: usize,
-        core: usize,
-        cfg: ReactorConfig,
-    ) -> Result<(Reactor, ReactorHandle), ReactorError> {
+    fn new(index: usize, core: usize, cfg: ReactorConfig) -> Result<(Reactor, ReactorHandle), ReactorError> {
         let setup = |source| ReactorError::Setup { core, source };
         let shared = Arc::new(Shared {
             index,
@@ -308,15 +296,10 @@ impl Reactor {
             stats: ReactorStats::default(),
         });
         let (tx, rx) = mpsc::channel();
-        let handle = ReactorHandle {
-            shared: shared.clone(),
-            tx,
-        };
+        let handle = ReactorHandle { shared: shared.clone(), tx };
         let epoll = Epoll::new().map_err(setup)?;
         let timer = Timer::new().map_err(setup)?;
-        epoll
-            .add(shared.wake.as_raw_fd(), TOKEN_WAKE)
-            .map_err(setup)?;
+        epoll.add(shared.wake.as_raw_fd(), TOKEN_WAKE).map_err(setup)?;
         epoll.add(timer.as_raw_fd(), TOKEN_TIMER).map_err(setup)?;
         let r = Reactor {
             shared,
@@ -370,46 +353,26 @@ impl Reactor {
 
     /// Registers a poller that runs on every pass.
     pub fn add_poller(&mut self, poller: Box<dyn Poller>) -> PollerId {
-        self.insert(Entry {
-            poller,
-            period: None,
-            next_run: Instant::now(),
-        })
+        self.insert(Entry { poller, period: None, next_run: Instant::now() })
     }
 
     /// Registers a poller that runs once per `period` (a timer).
     pub fn add_timer(&mut self, poller: Box<dyn Poller>, period: Duration) -> PollerId {
         let next_run = Instant::now() + period;
-        self.insert(Entry {
-            poller,
-            period: Some(period),
-            next_run,
-        })
+        self.insert(Entry { poller, period: Some(period), next_run })
     }
 
     fn insert(&mut self, entry: Entry) -> PollerId {
-        assert!(
-            !self.in_pass.get(),
-            "pollers are added from messages, not from inside a poll pass"
-        );
+        assert!(!self.in_pass.get(), "pollers are added from messages, not from inside a poll pass");
         self.shared.stats.pollers.fetch_add(1, Ordering::Relaxed);
         if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
             s.entry = Some(entry);
-            return PollerId {
-                slot,
-                generation: s.generation,
-            };
+            return PollerId { slot, generation: s.generation };
         }
         let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 pollers");
-        self.slots.push(Slot {
-            generation: 0,
-            entry: Some(entry),
-        });
-        PollerId {
-            slot,
-            generation: 0,
-        }
+        self.slots.push(Slot { generation: 0, entry: Some(entry) });
+        PollerId { slot, generation: 0 }
     }
 
     /// Removes a poller and hands it back (so its owner can drain or drop it).
@@ -443,10 +406,7 @@ impl Reactor {
             let v = init(self);
             self.locals.insert(key, Box::new(v));
         }
-        self.locals
-            .get_mut(&key)
-            .and_then(|b| b.downcast_mut::<T>())
-            .expect("local of the right type")
+        self.locals.get_mut(&key).and_then(|b| b.downcast_mut::<T>()).expect("local of the right type")
     }
 
     /// Asks the loop to end after the current message. Pollers are dropped in order.
@@ -502,12 +462,7 @@ impl Reactor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.slots
-            .iter()
-            .filter_map(|s| s.entry.as_ref())
-            .filter(|e| e.period.is_some())
-            .map(|e| e.next_run)
-            .min()
+        self.slots.iter().filter_map(|s| s.entry.as_ref()).filter(|e| e.period.is_some()).map(|e| e.next_run).min()
     }
 
     /// Arms wake-up sources and sleeps until one fires or the next timer is due.
@@ -565,17 +520,11 @@ impl Reactor {
             let spent = u64::try_from((now - t_prev).as_nanos()).unwrap_or(u64::MAX);
             t_prev = now;
             if busy {
-                self.shared
-                    .stats
-                    .busy_ns
-                    .fetch_add(spent, Ordering::Relaxed);
+                self.shared.stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
                 last_busy = now;
                 continue;
             }
-            self.shared
-                .stats
-                .idle_ns
-                .fetch_add(spent, Ordering::Relaxed);
+            self.shared.stats.idle_ns.fetch_add(spent, Ordering::Relaxed);
             if self.stop {
                 break;
             }
@@ -588,10 +537,7 @@ impl Reactor {
                 self.sleep();
                 let woke = Instant::now();
                 let slept = u64::try_from((woke - t_prev).as_nanos()).unwrap_or(u64::MAX);
-                self.shared
-                    .stats
-                    .idle_ns
-                    .fetch_add(slept, Ordering::Relaxed);
+                self.shared.stats.idle_ns.fetch_add(slept, Ordering::Relaxed);
                 t_prev = woke;
                 last_busy = woke;
             }
@@ -664,12 +610,7 @@ impl Reactors {
             handles.push(h);
             joins.push(join);
         }
-        Ok(Self {
-            handles,
-            joins: Mutex::new(joins),
-            mask: mask.clone(),
-            cfg,
-        })
+        Ok(Self { handles, joins: Mutex::new(joins), mask: mask.clone(), cfg })
     }
 
     /// Handles, in core order.

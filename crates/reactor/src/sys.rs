@@ -56,10 +56,7 @@ impl Epoll {
     }
 
     pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         let r = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
         match cvt(r) {
@@ -94,12 +91,7 @@ pub(crate) struct Timer(OwnedFd);
 impl Timer {
     pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: no pointers; returns a new fd on success.
-        let fd = cvt(unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        })?;
+        let fd = cvt(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) })?;
         // SAFETY: `fd` is fresh and owned by nobody else.
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
@@ -110,34 +102,23 @@ impl Timer {
         // A zero it_value disarms the timer, so a due deadline becomes 1 ns.
         let ns = d.as_nanos().max(1);
         let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
             it_value: libc::timespec {
                 tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
                 tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
             },
         };
         // SAFETY: `spec` is valid for the call; old value pointer is null (allowed).
-        let _ =
-            unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let _ = unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
     }
 
     pub(crate) fn disarm(&self) {
         let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: 0, tv_nsec: 0 },
         };
         // SAFETY: as in `arm_at`.
-        let _ =
-            unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let _ = unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from a non-blocking fd we own (clears expirations).
         let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
@@ -172,9 +153,7 @@ pub(crate) fn allowed_cores() -> Vec<usize> {
         return Vec::new();
     }
     // SAFETY: CPU_ISSET reads inside `set` for indices below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
 }
 
 /// The kernel thread id of the caller.

@@ -2,11 +2,7 @@ use super::*;
 use std::sync::atomic::AtomicUsize;
 
 fn cfg(mode: Mode) -> ReactorConfig {
-    ReactorConfig {
-        mode,
-        idle_threshold: Duration::from_micros(200),
-        pin: false,
-    }
+    ReactorConfig { mode, idle_threshold: Duration::from_micros(200), pin: false }
 }
 
 fn start(mode: Mode) -> Reactors {
@@ -48,9 +44,7 @@ fn thread_cpu_ticks(tid: i32) -> u64 {
 fn call_runs_closure_on_the_reactor_thread_and_returns_its_value() {
     let rs = start(Mode::Adaptive);
     let h = &rs.handles()[0];
-    let name = h
-        .call(|r| (r.core(), std::thread::current().name().map(str::to_string)))
-        .unwrap();
+    let name = h.call(|r| (r.core(), std::thread::current().name().map(str::to_string))).unwrap();
     assert_eq!(name, (0, Some("reactor_0".to_string())));
 }
 
@@ -64,9 +58,7 @@ fn messages_wake_a_sleeping_reactor_in_every_mode() {
             if i % 10 == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let v = h
-                .call_timeout(Duration::from_secs(5), move |_| i * 2)
-                .unwrap();
+            let v = h.call_timeout(Duration::from_secs(5), move |_| i * 2).unwrap();
             assert_eq!(v, i * 2, "mode {mode}");
         }
     }
@@ -79,32 +71,16 @@ fn pollers_run_until_removed_and_come_back_typed() {
     let polls = Arc::new(AtomicUsize::new(0));
     let work = Arc::new(AtomicUsize::new(0));
     let (p2, w2) = (polls.clone(), work.clone());
-    let id = h
-        .call(move |r| {
-            r.add_poller(Box::new(Counter {
-                polls: p2,
-                work: w2,
-            }))
-        })
-        .unwrap();
+    let id = h.call(move |r| r.add_poller(Box::new(Counter { polls: p2, work: w2 }))).unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    assert!(
-        polls.load(Ordering::Relaxed) > 10,
-        "poll-mode reactor spins its pollers"
-    );
-    let typed = h
-        .call(move |r| r.poller_mut::<Counter>(id).is_some())
-        .unwrap();
+    assert!(polls.load(Ordering::Relaxed) > 10, "poll-mode reactor spins its pollers");
+    let typed = h.call(move |r| r.poller_mut::<Counter>(id).is_some()).unwrap();
     assert!(typed);
     let removed = h.call(move |r| r.remove_poller(id).is_some()).unwrap();
     assert!(removed);
     let before = polls.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(
-        polls.load(Ordering::Relaxed),
-        before,
-        "a removed poller is not polled"
-    );
+    assert_eq!(polls.load(Ordering::Relaxed), before, "a removed poller is not polled");
     let again = h.call(move |r| r.remove_poller(id).is_some()).unwrap();
     assert!(!again, "a stale id finds nothing");
 }
@@ -116,13 +92,7 @@ fn timers_fire_at_their_period_even_while_sleeping() {
     let polls = Arc::new(AtomicUsize::new(0));
     let p2 = polls.clone();
     h.call(move |r| {
-        r.add_timer(
-            Box::new(Counter {
-                polls: p2,
-                work: Arc::new(AtomicUsize::new(0)),
-            }),
-            Duration::from_millis(10),
-        )
+        r.add_timer(Box::new(Counter { polls: p2, work: Arc::new(AtomicUsize::new(0)) }), Duration::from_millis(10))
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -138,20 +108,11 @@ fn arm_reporting_pending_work_keeps_the_reactor_awake() {
     let polls = Arc::new(AtomicUsize::new(0));
     let work = Arc::new(AtomicUsize::new(0));
     let (p2, w2) = (polls.clone(), work.clone());
-    h.call(move |r| {
-        r.add_poller(Box::new(Counter {
-            polls: p2,
-            work: w2,
-        }))
-    })
-    .unwrap();
+    h.call(move |r| r.add_poller(Box::new(Counter { polls: p2, work: w2 }))).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     let idle_polls = polls.load(Ordering::Relaxed);
     // With nothing to do, an interrupt-mode reactor sleeps: only a handful of polls happen.
-    assert!(
-        idle_polls < 10,
-        "interrupt-mode reactor polled {idle_polls} times while idle"
-    );
+    assert!(idle_polls < 10, "interrupt-mode reactor polled {idle_polls} times while idle");
     // Work that appears is picked up once the reactor is woken.
     work.store(1000, Ordering::Relaxed);
     h.call(|_| ()).unwrap();
@@ -159,11 +120,7 @@ fn arm_reporting_pending_work_keeps_the_reactor_awake() {
     while work.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(
-        work.load(Ordering::Relaxed),
-        0,
-        "all work done after one wake-up"
-    );
+    assert_eq!(work.load(Ordering::Relaxed), 0, "all work done after one wake-up");
 }
 
 #[test]
@@ -171,13 +128,7 @@ fn idle_reactor_uses_almost_no_cpu_in_adaptive_and_interrupt_modes() {
     for mode in [Mode::Adaptive, Mode::Interrupt] {
         let rs = start(mode);
         let h = &rs.handles()[0];
-        h.call(|r| {
-            r.add_poller(Box::new(Counter {
-                polls: Default::default(),
-                work: Default::default(),
-            }))
-        })
-        .unwrap();
+        h.call(|r| r.add_poller(Box::new(Counter { polls: Default::default(), work: Default::default() }))).unwrap();
         let tid = h.stats().tid.load(Ordering::Relaxed);
         let t0 = thread_cpu_ticks(tid);
         std::thread::sleep(Duration::from_millis(500));
@@ -191,18 +142,9 @@ fn idle_reactor_uses_almost_no_cpu_in_adaptive_and_interrupt_modes() {
 fn start_refuses_cores_the_process_cannot_use() {
     let allowed = allowed_cores();
     let missing = (0..MAX_TEST_CORE).find(|c| !allowed.contains(c)).unwrap();
-    let err = Reactors::start(
-        &CpuMask::from_cores([missing]),
-        ReactorConfig {
-            pin: true,
-            ..cfg(Mode::Adaptive)
-        },
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains(&format!("core {missing}")),
-        "{err}"
-    );
+    let err = Reactors::start(&CpuMask::from_cores([missing]), ReactorConfig { pin: true, ..cfg(Mode::Adaptive) })
+        .unwrap_err();
+    assert!(err.to_string().contains(&format!("core {missing}")), "{err}");
 }
 
 const MAX_TEST_CORE: usize = 1024;

@@ -1,0 +1,177 @@
+//! `vstor perf`: a load generator with one report format for every path it can drive.
+//!
+//! - a bdev inside this process (`--bdev null|malloc[:MiB]|uring:PATH|aio:PATH`), like SPDK's bdevperf;
+//!
+//! It prints IOPS, MiB/s, mean/p50/p99/p99.9 latency and the CPU time the process spent per I/O.
+
+mod bdev_job;
+pub mod hist;
+pub mod workload;
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+
+use hist::Histogram;
+use workload::Pattern;
+
+#[derive(Args, Debug, Clone)]
+pub struct PerfArgs {
+    /// The bdev to drive in-process: `null[:MiB]`, `malloc[:MiB]`, `uring:PATH` or `aio:PATH`.
+    #[arg(long, value_name = "SPEC", default_value = "null:1024")]
+    pub bdev: String,
+
+    /// Workload: read, write, randread, randwrite, randrw, verify.
+    #[arg(short = 'w', long, value_name = "PATTERN", default_value = "randread")]
+    pub workload: Pattern,
+
+    /// Percentage of reads in randrw.
+    #[arg(long, value_name = "PCT", default_value_t = 70)]
+    pub rwmixread: u8,
+
+    /// I/O size in bytes.
+    #[arg(short = 'o', long, value_name = "BYTES", default_value_t = 4096)]
+    pub io_size: u32,
+
+    /// Queue depth per core (per queue for client modes).
+    #[arg(short = 'q', long, value_name = "N", default_value_t = 32)]
+    pub queue_depth: u32,
+
+    /// Seconds to run.
+    #[arg(short = 't', long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub time: f64,
+
+    /// Cores to run on (one job per core).
+    #[arg(short = 'm', long, value_name = "MASK", default_value = "0x1")]
+    pub cpumask: String,
+
+    /// Block size of bdevs created by `--bdev null/malloc`.
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    pub block_size: u32,
+
+    /// Reactor mode while measuring.
+    #[arg(long, value_name = "MODE", default_value = "poll")]
+    pub reactor_mode: vstor_reactor::Mode,
+
+    /// Seed for random offsets and verify patterns.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one run measured.
+#[derive(Default)]
+pub struct Report {
+    pub label: String,
+    pub ios: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub miscompares: u64,
+    pub elapsed: Duration,
+    pub hist: Histogram,
+    /// CPU time of the measuring process (or target, when known) over the window.
+    pub cpu: Duration,
+}
+
+impl Report {
+    pub fn iops(&self) -> f64 {
+        self.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn cpu_ns_per_io(&self) -> f64 {
+        if self.ios == 0 {
+            0.0
+        } else {
+            self.cpu.as_nanos() as f64 / self.ios as f64
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "label": self.label,
+            "ios": self.ios,
+            "iops": self.iops(),
+            "mib_s": self.mib_s(),
+            "mean_us": self.hist.mean() / 1000.0,
+            "p50_us": self.hist.quantile(0.50) as f64 / 1000.0,
+            "p99_us": self.hist.quantile(0.99) as f64 / 1000.0,
+            "p999_us": self.hist.quantile(0.999) as f64 / 1000.0,
+            "max_us": self.hist.max() as f64 / 1000.0,
+            "cpu_ns_per_io": self.cpu_ns_per_io(),
+            "errors": self.errors,
+            "miscompares": self.miscompares,
+            "seconds": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    pub fn print(&self) {
+        println!("{}", self.label);
+        println!(
+            "  {:>12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>7}",
+            "IOPS", "MiB/s", "mean_us", "p50_us", "p99_us", "p99.9_us", "cpu_ns/IO", "errors", "miscmp"
+        );
+        println!(
+            "  {:>12.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>7} {:>7}",
+            self.iops(),
+            self.mib_s(),
+            self.hist.mean() / 1000.0,
+            self.hist.quantile(0.50) as f64 / 1000.0,
+            self.hist.quantile(0.99) as f64 / 1000.0,
+            self.hist.quantile(0.999) as f64 / 1000.0,
+            self.cpu_ns_per_io(),
+            self.errors,
+            self.miscompares
+        );
+    }
+}
+
+/// CPU time (user + system) of this process so far.
+pub fn process_cpu() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage into the valid pointer.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: getrusage succeeded and initialised the struct.
+    let ru = unsafe { ru.assume_init() };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0)) + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+pub fn run(a: PerfArgs) -> i32 {
+    crate::init_logging("warn");
+    if a.io_size == 0 || a.queue_depth == 0 || a.time <= 0.0 {
+        eprintln!("vstor perf: --io-size, --queue-depth and --time must be greater than zero");
+        return 2;
+    }
+    let result = bdev_job::run(&a);
+    match result {
+        Ok(rep) => {
+            if a.json {
+                println!("{}", rep.to_json());
+            } else {
+                rep.print();
+            }
+            if rep.errors > 0 || rep.miscompares > 0 {
+                1
+            } else {
+                0
+            }
+        }
+        Err(e) => {
+            eprintln!("vstor perf: {e}");
+            2
+        }
+    }
+}
