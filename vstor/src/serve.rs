@@ -93,7 +93,11 @@ pub fn run(a: ServeArgs) -> i32 {
         }
     };
     tracing::info!(cpumask = %mask, mode = %a.reactor_mode, "started {} reactor(s)", mask.len());
-    let opts = AppOptions { rpc_socket: a.rpc_socket.clone(), socket_dir: a.socket_dir.clone(), max_request: a.max_rpc_request };
+    let opts = AppOptions {
+        rpc_socket: a.rpc_socket.clone(),
+        socket_dir: a.socket_dir.clone(),
+        max_request: a.max_rpc_request,
+    };
     let (app, shutdown_rx) = App::new(opts, reactors);
 
     let loaded = if let Some(path) = &a.config {

@@ -1,3 +1,4 @@
+#![allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation, clippy::cast_sign_loss)] // small test values
 //! The daemon as operators and tools see it: JSON-RPC over its socket with `vstor rpc`, raw
 //! sockets and SPDK's own `spdk-rpc`, config files, signals, idle CPU.
 
@@ -17,7 +18,10 @@ fn bdevs_are_created_listed_measured_and_deleted_over_vstor_rpc() {
     std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
     let img_s = img.to_str().unwrap();
 
-    let (code, out, err) = vstor_rpc(&d.sock, &["bdev_malloc_create", "--name", "Malloc0", "--num_blocks", "16384", "--block_size", "512"]);
+    let (code, out, err) = vstor_rpc(
+        &d.sock,
+        &["bdev_malloc_create", "--name", "Malloc0", "--num_blocks", "16384", "--block_size", "512"],
+    );
     assert_eq!((code, out.trim()), (0, "Malloc0"), "{err}");
     let (code, out, _) = vstor_rpc(&d.sock, &["bdev_malloc_create", "--num-blocks", "64", "--block-size", "4096"]);
     assert_eq!((code, out.trim()), (0, "Malloc1"), "a name is generated when none is given");
@@ -50,7 +54,12 @@ fn bdevs_are_created_listed_measured_and_deleted_over_vstor_rpc() {
 
     let err = d.rpc("bdev_malloc_delete", json!({"name": "Null0"})).unwrap_err();
     assert!(err["message"].as_str().unwrap().contains("not a Malloc disk"), "{err}");
-    for (m, n) in [("bdev_malloc_delete", "Malloc0"), ("bdev_null_delete", "Null0"), ("bdev_uring_delete", "Uring0"), ("bdev_aio_delete", "Aio0")] {
+    for (m, n) in [
+        ("bdev_malloc_delete", "Malloc0"),
+        ("bdev_null_delete", "Null0"),
+        ("bdev_uring_delete", "Uring0"),
+        ("bdev_aio_delete", "Aio0"),
+    ] {
         assert_eq!(d.rpc_ok(m, json!({"name": n})), json!(true));
     }
     let err = d.rpc("bdev_malloc_delete", json!({"name": "Malloc0"})).unwrap_err();
@@ -111,7 +120,10 @@ fn malformed_oversized_and_abandoned_requests_leave_the_daemon_serving() {
 
     // A 10 MB request: refused with an error, connection closed.
     let mut s = UnixStream::connect(&d.sock).unwrap();
-    let big = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"bdev_get_bdevs","params":{{"name":"{}"}}}}"#, "x".repeat(10 << 20));
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"bdev_get_bdevs","params":{{"name":"{}"}}}}"#,
+        "x".repeat(10 << 20)
+    );
     let _ = s.write_all(big.as_bytes());
     let r = read_one(&mut s).unwrap();
     assert_eq!(r["error"]["code"], -32600, "{r}");
@@ -297,7 +309,14 @@ fn spdk_rpc_manages_bdevs_and_save_config_round_trips() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|b| (b["name"].as_str().unwrap().into(), b["uuid"].as_str().unwrap().into(), b["num_blocks"].as_u64().unwrap(), b["block_size"].as_u64().unwrap()))
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().into(),
+                    b["uuid"].as_str().unwrap().into(),
+                    b["num_blocks"].as_u64().unwrap(),
+                    b["block_size"].as_u64().unwrap(),
+                )
+            })
             .collect();
         k.sort();
         k

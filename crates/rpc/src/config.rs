@@ -30,7 +30,8 @@ pub struct ConfigError(pub String);
 /// Applies an SPDK JSON config file through the RPC methods.
 pub fn load_file(app: &Arc<App>, path: &Path) -> Result<usize, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ConfigError(format!("config {}: not valid JSON: {e}", path.display())))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ConfigError(format!("config {}: not valid JSON: {e}", path.display())))?;
     load_value(app, &v, &path.display().to_string())
 }
 
@@ -51,7 +52,10 @@ pub fn load_value(app: &Arc<App>, v: &Value, origin: &str) -> Result<usize, Conf
     });
     let mut calls = 0;
     for s in sorted {
-        let name = s.get("subsystem").and_then(Value::as_str).ok_or_else(|| err("a subsystem entry has no \"subsystem\" name".into()))?;
+        let name = s
+            .get("subsystem")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err("a subsystem entry has no \"subsystem\" name".into()))?;
         let config = match s.get("config") {
             None | Some(Value::Null) => continue,
             Some(Value::Array(a)) => a,
@@ -80,6 +84,7 @@ pub fn load_value(app: &Arc<App>, v: &Value, origin: &str) -> Result<usize, Conf
 
 /// The whole configuration, as `spdk-rpc save_config` would assemble it.
 pub fn save(app: &App) -> Value {
-    let subs: Vec<Value> = subsystems().iter().map(|s| json!({ "subsystem": s.name, "config": (s.dump)(app) })).collect();
+    let subs: Vec<Value> =
+        subsystems().iter().map(|s| json!({ "subsystem": s.name, "config": (s.dump)(app) })).collect();
     json!({ "subsystems": subs })
 }

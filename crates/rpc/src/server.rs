@@ -213,7 +213,10 @@ fn handle_one(app: &Arc<App>, req: Value) -> Option<Value> {
     let reply_id = id.clone().unwrap_or(Value::Null);
     if let Some(v) = obj.get("jsonrpc") {
         if v != "2.0" {
-            return Some(error_response(reply_id, &RpcError::new(INVALID_REQUEST, "Invalid request: jsonrpc must be \"2.0\"")));
+            return Some(error_response(
+                reply_id,
+                &RpcError::new(INVALID_REQUEST, "Invalid request: jsonrpc must be \"2.0\""),
+            ));
         }
     }
     let Some(Value::String(method)) = obj.remove("method") else {
@@ -222,8 +225,8 @@ fn handle_one(app: &Arc<App>, req: Value) -> Option<Value> {
     let params = obj.remove("params");
     let app2 = app.clone();
     let m2 = method.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || app2.call(&m2, params)))
-        .unwrap_or_else(|_| {
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || app2.call(&m2, params))).unwrap_or_else(|_| {
             tracing::error!(method, "RPC handler panicked");
             Err(RpcError::new(INTERNAL_ERROR, format!("internal error in {method}")))
         });

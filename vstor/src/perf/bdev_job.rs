@@ -195,7 +195,7 @@ struct JobResult {
 pub fn run(a: &PerfArgs) -> Result<Report, String> {
     let bdev = make_bdev(&a.bdev, a.block_size)?;
     let bs = bdev.block_size();
-    if a.io_size % bs != 0 {
+    if !a.io_size.is_multiple_of(bs) {
         return Err(format!("--io-size {} is not a multiple of the bdev's {bs}-byte blocks", a.io_size));
     }
     let mask = CpuMask::parse(&a.cpumask).map_err(|e| e.to_string())?;
@@ -205,7 +205,12 @@ pub fn run(a: &PerfArgs) -> Result<Report, String> {
     let units = bdev.num_blocks() / io_blocks;
     let per_core = units / mask.len() as u64;
     if per_core < u64::from(a.queue_depth) {
-        return Err(format!("the bdev holds {units} I/Os of {} bytes: too few for QD {} on {} core(s)", a.io_size, a.queue_depth, mask.len()));
+        return Err(format!(
+            "the bdev holds {units} I/Os of {} bytes: too few for QD {} on {} core(s)",
+            a.io_size,
+            a.queue_depth,
+            mask.len()
+        ));
     }
     let dur = Duration::from_secs_f64(a.time);
     let cpu0 = process_cpu();

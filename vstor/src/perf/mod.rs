@@ -4,6 +4,9 @@
 //!
 //! It prints IOPS, MiB/s, mean/p50/p99/p99.9 latency and the CPU time the process spent per I/O.
 
+// Benchmark arithmetic on small, trusted values: the cast lints are relaxed here only.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 mod bdev_job;
 pub mod hist;
 pub mod workload;
@@ -144,7 +147,8 @@ pub fn process_cpu() -> Duration {
     // SAFETY: getrusage succeeded and initialised the struct.
     let ru = unsafe { ru.assume_init() };
     let tv = |t: libc::timeval| {
-        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0)) + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
     };
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }

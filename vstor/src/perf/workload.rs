@@ -22,7 +22,11 @@ impl std::str::FromStr for Pattern {
             "randwrite" => Pattern::RandWrite,
             "randrw" | "rw" => Pattern::RandRw,
             "verify" => Pattern::Verify,
-            other => return Err(format!("workload '{other}' is not one of read, write, randread, randwrite, randrw, verify")),
+            other => {
+                return Err(format!(
+                    "workload '{other}' is not one of read, write, randread, randwrite, randrw, verify"
+                ))
+            }
         })
     }
 }

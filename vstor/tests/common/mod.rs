@@ -153,17 +153,25 @@ pub fn read_one(s: &mut UnixStream) -> Option<Value> {
 /// `vstor rpc` as a process: (exit code, stdout, stderr).
 pub fn vstor_rpc(sock: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vstor_bin()).arg("rpc").arg("-s").arg(sock).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// SPDK's client, if installed: from `SPDK_RPC`, else `spdk-rpc` on PATH. When
 /// `VSTOR_REQUIRE_SPDK_RPC=1` (CI), a missing client fails the test instead of skipping it.
 pub fn spdk_rpc() -> Option<PathBuf> {
     let found = std::env::var_os("SPDK_RPC").map(PathBuf::from).filter(|p| p.exists()).or_else(|| {
-        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("spdk-rpc")).find(|p| p.exists()))
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("spdk-rpc")).find(|p| p.exists()))
     });
     if found.is_none() {
-        assert!(std::env::var("VSTOR_REQUIRE_SPDK_RPC").as_deref() != Ok("1"), "spdk-rpc is required but not installed");
+        assert!(
+            std::env::var("VSTOR_REQUIRE_SPDK_RPC").as_deref() != Ok("1"),
+            "spdk-rpc is required but not installed"
+        );
         eprintln!("spdk-rpc not installed: skipping (set VSTOR_REQUIRE_SPDK_RPC=1 to make this an error)");
     }
     found
@@ -172,5 +180,9 @@ pub fn spdk_rpc() -> Option<PathBuf> {
 /// Runs `spdk-rpc -s SOCK args...`: (exit code, stdout, stderr).
 pub fn run_spdk(spdk: &Path, sock: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(spdk).arg("-s").arg(sock).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }

@@ -100,7 +100,13 @@ fn bdev_malloc_create(app: &Arc<App>, p: MallocCreate) -> Result<Value, RpcError
     if app.bdevs.get(&name).is_some() {
         return Err(vstor_bdev::BdevError::Exists(name).into());
     }
-    let bp = BdevParams { name, uuid: parse_uuid(&p.uuid)?, block_size: p.block_size, num_blocks: p.num_blocks, read_only: false };
+    let bp = BdevParams {
+        name,
+        uuid: parse_uuid(&p.uuid)?,
+        block_size: p.block_size,
+        num_blocks: p.num_blocks,
+        read_only: false,
+    };
     let b = app.bdevs.register(malloc::create(bp, p.memfd)?)?;
     Ok(json!(b.name()))
 }
@@ -139,7 +145,13 @@ fn bdev_null_create(app: &Arc<App>, p: NullCreate) -> Result<Value, RpcError> {
     if app.bdevs.get(&p.name).is_some() {
         return Err(vstor_bdev::BdevError::Exists(p.name).into());
     }
-    let bp = BdevParams { name: p.name, uuid: parse_uuid(&p.uuid)?, block_size: p.block_size, num_blocks: p.num_blocks, read_only: false };
+    let bp = BdevParams {
+        name: p.name,
+        uuid: parse_uuid(&p.uuid)?,
+        block_size: p.block_size,
+        num_blocks: p.num_blocks,
+        read_only: false,
+    };
     let b = app.bdevs.register(null::create(bp)?)?;
     Ok(json!(b.name()))
 }
@@ -155,12 +167,18 @@ struct NullResize {
 fn bdev_null_resize(app: &Arc<App>, p: NullResize) -> Result<Value, RpcError> {
     let b = app.bdevs.lookup(&p.name)?;
     if b.product_name() != null::PRODUCT {
-        return Err(RpcError::bad_param("name", format!("bdev '{}' is a {}, not a null bdev", p.name, b.product_name())));
+        return Err(RpcError::bad_param(
+            "name",
+            format!("bdev '{}' is a {}, not a null bdev", p.name, b.product_name()),
+        ));
     }
     let bytes = p.new_size.checked_mul(1 << 20).ok_or_else(|| RpcError::bad_param("new_size", "too large"))?;
     let blocks = bytes / u64::from(b.block_size());
     if blocks < b.num_blocks() {
-        return Err(RpcError::bad_param("new_size", format!("{} MiB is smaller than the current size; null bdevs only grow", p.new_size)));
+        return Err(RpcError::bad_param(
+            "new_size",
+            format!("{} MiB is smaller than the current size; null bdevs only grow", p.new_size),
+        ));
     }
     b.resize(blocks)?;
     Ok(json!(true))
@@ -248,7 +266,18 @@ pub fn bdev_info(b: &Bdev) -> Value {
     for t in IoType::ALL {
         io.insert(t.spdk_name().into(), json!(b.io_type_supported(t)));
     }
-    for t in ["nvme_admin", "nvme_io", "nvme_io_md", "compare", "compare_and_write", "abort", "seek_hole", "seek_data", "copy", "nvme_iov_md"] {
+    for t in [
+        "nvme_admin",
+        "nvme_io",
+        "nvme_io_md",
+        "compare",
+        "compare_and_write",
+        "abort",
+        "seek_hole",
+        "seek_data",
+        "copy",
+        "nvme_iov_md",
+    ] {
         io.insert(t.into(), json!(false));
     }
     let claims = b.claims();
@@ -341,7 +370,9 @@ fn bdev_get_iostat(app: &Arc<App>, p: GetIostat) -> Result<Value, RpcError> {
     let reset = match p.reset_mode.as_deref() {
         None | Some("none") => false,
         Some("all") | Some("maxmin") => true,
-        Some(other) => return Err(RpcError::bad_param("reset_mode", format!("'{other}' is not one of all, maxmin, none"))),
+        Some(other) => {
+            return Err(RpcError::bad_param("reset_mode", format!("'{other}' is not one of all, maxmin, none")))
+        }
     };
     let ticks = u64::try_from(app.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let list: Vec<Value> = bdevs

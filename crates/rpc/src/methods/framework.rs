@@ -16,10 +16,7 @@ pub(crate) fn register(m: &mut Methods) {
     m.add("spdk_get_version", |_app: &Arc<App>, _: NoParams| Ok(version()));
     m.add("framework_get_subsystems", |_app: &Arc<App>, _: NoParams| {
         Ok(Value::Array(
-            config::subsystems()
-                .iter()
-                .map(|s| json!({ "subsystem": s.name, "depends_on": s.depends_on }))
-                .collect(),
+            config::subsystems().iter().map(|s| json!({ "subsystem": s.name, "depends_on": s.depends_on })).collect(),
         ))
     });
     m.add("framework_get_config", framework_get_config);

@@ -78,7 +78,10 @@ impl Methods {
 
     /// Runs `method`.
     pub fn call(&self, app: &Arc<App>, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        let h = self.map.get(method).ok_or_else(|| RpcError::new(METHOD_NOT_FOUND, format!("Method not found: {method}")))?;
+        let h = self
+            .map
+            .get(method)
+            .ok_or_else(|| RpcError::new(METHOD_NOT_FOUND, format!("Method not found: {method}")))?;
         h(app, params)
     }
 }
