@@ -109,6 +109,35 @@ impl IoVecs {
         self.total += len as u64;
     }
 
+    /// The bytes `offset..offset+len` of this list as a new list (zero copy). `None` if the range
+    /// runs past the end. The new list points into the same memory, under the same contract.
+    pub fn sub(&self, offset: u64, len: u64) -> Option<IoVecs> {
+        if offset.checked_add(len)? > self.total {
+            return None;
+        }
+        let mut out = IoVecs::new();
+        let (mut skip, mut want) = (offset, len);
+        for s in &self.v {
+            if want == 0 {
+                break;
+            }
+            let l = s.iov_len as u64;
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let take = (l - skip).min(want);
+            // SAFETY: `skip + take <= iov_len`, so the piece lies inside a segment that is valid
+            // under `push_raw`'s contract, which the new list inherits.
+            unsafe {
+                out.push_raw(s.iov_base.cast::<u8>().add(usize::try_from(skip).ok()?), usize::try_from(take).ok()?)
+            };
+            want -= take;
+            skip = 0;
+        }
+        Some(out)
+    }
+
     /// Total bytes.
     pub fn total_len(&self) -> u64 {
         self.total
@@ -189,6 +218,24 @@ impl IoVecs {
             off += n;
         }
         off
+    }
+
+    /// Copies `src` into the list starting `offset` bytes in; returns bytes copied.
+    pub fn copy_from_at(&self, offset: u64, src: &[u8]) -> usize {
+        let avail = self.total.saturating_sub(offset).min(src.len() as u64);
+        match self.sub(offset, avail) {
+            Some(v) => v.copy_from(&src[..usize::try_from(avail).unwrap_or(0)]),
+            None => 0,
+        }
+    }
+
+    /// Copies `dst.len()` bytes (or what there is) starting `offset` bytes in; returns bytes copied.
+    pub fn copy_to_at(&self, offset: u64, dst: &mut [u8]) -> usize {
+        let avail = self.total.saturating_sub(offset).min(dst.len() as u64);
+        match self.sub(offset, avail) {
+            Some(v) => v.copy_to(&mut dst[..usize::try_from(avail).unwrap_or(0)]),
+            None => 0,
+        }
     }
 
     /// Fills every segment with zeroes.

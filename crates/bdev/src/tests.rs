@@ -431,3 +431,25 @@ fn reset_completes_after_earlier_io() {
         assert!(pos(w) < pos(reset));
     }
 }
+
+#[test]
+fn iovec_sub_ranges_cover_exactly_the_bytes_asked_for() {
+    let mut buf = AlignedBuf::zeroed(100, 8).unwrap();
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let v = iovs(&mut buf, 30); // segments of 30, 30, 30, 10
+    let s = v.sub(25, 40).unwrap();
+    assert_eq!((s.len(), s.total_len()), (3, 40));
+    let mut out = vec![0u8; 40];
+    s.copy_to(&mut out);
+    assert_eq!(out, (25..65).map(|x| x as u8).collect::<Vec<_>>());
+    assert!(v.sub(90, 11).is_none());
+    assert!(v.sub(u64::MAX, 2).is_none());
+    assert_eq!(v.sub(100, 0).unwrap().total_len(), 0);
+    let mut four = [0u8; 4];
+    assert_eq!(v.copy_to_at(98, &mut four), 2);
+    assert_eq!(&four[..2], &[98, 99]);
+    assert_eq!(v.copy_from_at(10, &[0xEE; 3]), 3);
+    assert_eq!(&buf.as_slice()[9..14], &[9, 0xEE, 0xEE, 0xEE, 13]);
+}

@@ -1,0 +1,1 @@
+//! Transport-free NVMe controller emulation (placeholder: being written).

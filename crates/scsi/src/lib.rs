@@ -1,0 +1,1 @@
+//! Transport-free SCSI target emulation (placeholder: being written).
