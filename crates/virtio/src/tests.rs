@@ -1,0 +1,557 @@
+#![allow(clippy::cast_possible_truncation)] // small test indices
+//! Mock drivers for split and packed rings over memfd guest memory, and the malformed-chain cases.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use vstor_mem::{memfd, GuestMemory, Region};
+
+use crate::*;
+
+/// Guest memory: region A [0, 1 MiB), region B [1 MiB, 2 MiB) adjacent to A, region C at 256 MiB.
+fn guest_mem() -> Arc<GuestMemory> {
+    let f = memfd("guest", 3 << 20).unwrap();
+    let a = Region::map(&f, 0, 1 << 20, 0x7000_0000_0000, 0).unwrap();
+    let b = Region::map(&f, 1 << 20, 1 << 20, 0x7000_0010_0000, 1 << 20).unwrap();
+    let c = Region::map(&f, 256 << 20, 1 << 20, 0x7000_1000_0000, 2 << 20).unwrap();
+    Arc::new(GuestMemory::new(vec![a, b, c]).unwrap())
+}
+
+const REGION_B: u64 = 1 << 20;
+const REGION_C: u64 = 256 << 20;
+const DATA: u64 = 0x8_0000; // data buffers live from here in region A
+
+fn w16(m: &GuestMemory, gpa: u64, v: u16) {
+    m.write(gpa, &v.to_le_bytes()).unwrap();
+}
+fn r16(m: &GuestMemory, gpa: u64) -> u16 {
+    let mut b = [0u8; 2];
+    m.read(gpa, &mut b).unwrap();
+    u16::from_le_bytes(b)
+}
+fn r32(m: &GuestMemory, gpa: u64) -> u32 {
+    let mut b = [0u8; 4];
+    m.read(gpa, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+fn desc_bytes(addr: u64, len: u32, a: u16, b: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&a.to_le_bytes());
+    d[14..16].copy_from_slice(&b.to_le_bytes());
+    d
+}
+
+/// A split-ring driver.
+struct SplitDriver {
+    m: Arc<GuestMemory>,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl SplitDriver {
+    fn new(m: Arc<GuestMemory>, size: u16) -> Self {
+        let desc = 0x1000;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 4095) & !4095;
+        Self { m, size, desc, avail, used, avail_idx: 0, used_seen: 0 }
+    }
+
+    fn params(&self, event_idx: bool, indirect: bool) -> QueueParams {
+        QueueParams {
+            size: self.size,
+            addrs: RingAddrs { desc: self.desc, driver: self.avail, device: self.used },
+            packed: false,
+            event_idx,
+            indirect,
+            base: 0,
+        }
+    }
+
+    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.m.write(self.desc + 16 * u64::from(i), &desc_bytes(addr, len, flags, next)).unwrap();
+    }
+
+    /// Writes a chain into descriptors `first..` and makes it available.
+    fn add(&mut self, first: u16, bufs: &[(u64, u32, bool)]) -> u16 {
+        for (k, &(addr, len, write)) in bufs.iter().enumerate() {
+            let i = first + k as u16;
+            let mut flags = if write { 2 } else { 0 };
+            if k + 1 < bufs.len() {
+                flags |= 1;
+            }
+            self.set_desc(i, addr, len, flags, i + 1);
+        }
+        self.publish(first);
+        first
+    }
+
+    fn publish(&mut self, head: u16) {
+        w16(&self.m, self.avail + 4 + 2 * u64::from(self.avail_idx % self.size), head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        w16(&self.m, self.avail + 2, self.avail_idx);
+    }
+
+    fn used(&mut self) -> Vec<(u32, u32)> {
+        let idx = r16(&self.m, self.used + 2);
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
+            out.push((r32(&self.m, e), r32(&self.m, e + 4)));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+}
+
+fn chain_err(r: Option<Result<DescChain, PopError>>) -> ChainError {
+    match r {
+        Some(Err(PopError::Chain { kind, .. })) => kind,
+        other => panic!("expected a chain error, got {other:?}"),
+    }
+}
+
+fn fatal(r: Option<Result<DescChain, PopError>>) -> FatalError {
+    match r {
+        Some(Err(PopError::Fatal(f))) => f,
+        other => panic!("expected a fatal error, got {other:?}"),
+    }
+}
+
+#[test]
+fn split_round_trip_reads_and_writes_the_right_bytes() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert!(q.pop().is_none());
+    m.write(DATA, b"header-bytes----").unwrap();
+    d.add(0, &[(DATA, 16, false), (DATA + 512, 512, true), (DATA + 1024, 1, true)]);
+    let c = q.pop().unwrap().unwrap();
+    assert_eq!((c.head, c.readable.total_len(), c.writable.total_len()), (0, 16, 513));
+    let mut hdr = [0u8; 16];
+    c.readable.copy_to(&mut hdr);
+    assert_eq!(&hdr, b"header-bytes----");
+    c.writable.copy_from_at(512, &[0x5a]);
+    q.push_used(c.head, c.ndesc, 513);
+    assert_eq!(d.used(), vec![(0, 513)]);
+    let mut s = [0u8; 1];
+    m.read(DATA + 1024, &mut s).unwrap();
+    assert_eq!(s, [0x5a]);
+    assert!(q.needs_call(), "no suppression: every completion interrupts");
+}
+
+#[test]
+fn split_buffers_may_span_adjacent_regions_but_not_leave_memory() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    d.add(0, &[(REGION_B - 100, 200, true)]);
+    let c = q.pop().unwrap().unwrap();
+    assert_eq!((c.writable.len(), c.writable.total_len()), (2, 200), "split at the region boundary");
+    q.push_used(c.head, 1, 0);
+    d.add(1, &[(REGION_B + (1 << 20) - 100, 200, true)]);
+    assert_eq!(chain_err(q.pop()), ChainError::BadBuffer { gpa: REGION_B + (1 << 20) - 100, len: 200 });
+    d.add(2, &[(REGION_C + (1 << 20) - 1, 2, false)]);
+    assert!(matches!(chain_err(q.pop()), ChainError::BadBuffer { .. }), "straddles the end of the last region");
+    d.add(3, &[(64 << 20, 16, false)]);
+    assert!(matches!(chain_err(q.pop()), ChainError::BadBuffer { .. }), "between regions");
+    d.add(4, &[(u64::MAX - 4, 16, false)]);
+    assert!(matches!(chain_err(q.pop()), ChainError::BadBuffer { .. }), "wraps the address space");
+}
+
+#[test]
+fn split_rejects_loops_bad_indices_and_readable_after_writable() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, true), m.clone()).unwrap();
+    d.set_desc(0, DATA, 16, 1, 1);
+    d.set_desc(1, DATA, 16, 1, 0); // 0 -> 1 -> 0 -> ...
+    d.publish(0);
+    assert_eq!(chain_err(q.pop()), ChainError::TooLong);
+    d.set_desc(2, DATA, 16, 1, 200);
+    d.publish(2);
+    assert_eq!(chain_err(q.pop()), ChainError::NextOutOfRange(200));
+    d.add(3, &[(DATA, 16, true), (DATA + 16, 16, false)]);
+    assert_eq!(chain_err(q.pop()), ChainError::ReadableAfterWritable);
+    // Zero-length buffers are skipped, not refused.
+    d.add(5, &[(DATA, 0, false), (DATA, 16, false), (DATA + 32, 0, true)]);
+    let c = q.pop().unwrap().unwrap();
+    assert_eq!((c.readable.total_len(), c.writable.total_len()), (16, 0));
+    // The queue still serves a good chain after bad ones were returned.
+    for h in [0, 2, 3] {
+        q.push_used(h, 1, 0);
+    }
+}
+
+#[test]
+fn split_indirect_tables_are_followed_and_checked() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let table = 0x4_0000;
+    let mut t = Vec::new();
+    t.extend_from_slice(&desc_bytes(DATA, 16, 1, 1));
+    t.extend_from_slice(&desc_bytes(DATA + 4096, 4096, 2 | 1, 2));
+    t.extend_from_slice(&desc_bytes(DATA + 8192, 1, 2, 0));
+    m.write(table, &t).unwrap();
+    let mut q = Virtqueue::new(&d.params(false, true), m.clone()).unwrap();
+    d.set_desc(0, table, 48, 4, 0);
+    d.publish(0);
+    let c = q.pop().unwrap().unwrap();
+    assert_eq!((c.readable.total_len(), c.writable.total_len()), (16, 4097));
+    q.push_used(0, 1, 4097);
+
+    // Indirect inside indirect.
+    let nested = 0x4_1000;
+    m.write(nested, &desc_bytes(table, 48, 4, 0)).unwrap();
+    d.set_desc(1, nested, 16, 4, 0);
+    d.publish(1);
+    assert_eq!(chain_err(q.pop()), ChainError::NestedIndirect);
+    // A table that is not whole descriptors, or far too large.
+    d.set_desc(2, table, 40, 4, 0);
+    d.publish(2);
+    assert_eq!(chain_err(q.pop()), ChainError::BadIndirectLen(40));
+    d.set_desc(3, table, 16 * (MAX_INDIRECT + 1), 4, 0);
+    d.publish(3);
+    assert!(matches!(chain_err(q.pop()), ChainError::BadIndirectLen(_)));
+    // INDIRECT together with NEXT.
+    d.set_desc(4, table, 48, 4 | 1, 5);
+    d.publish(4);
+    assert_eq!(chain_err(q.pop()), ChainError::IndirectWithNext);
+    // A loop inside the table.
+    let looped = 0x4_2000;
+    let mut t = Vec::new();
+    t.extend_from_slice(&desc_bytes(DATA, 16, 1, 1));
+    t.extend_from_slice(&desc_bytes(DATA, 16, 1, 0));
+    m.write(looped, &t).unwrap();
+    d.set_desc(5, looped, 32, 4, 0);
+    d.publish(5);
+    assert_eq!(chain_err(q.pop()), ChainError::TooLong);
+    // Table outside guest memory.
+    d.set_desc(6, 64 << 20, 32, 4, 0);
+    d.publish(6);
+    assert_eq!(chain_err(q.pop()), ChainError::IndirectNotMapped(64 << 20));
+
+    // Without the feature, indirect descriptors are refused.
+    let m2 = guest_mem();
+    let mut d2 = SplitDriver::new(m2.clone(), 8);
+    let mut q2 = Virtqueue::new(&d2.params(false, false), m2.clone()).unwrap();
+    d2.set_desc(0, table, 48, 4, 0);
+    d2.publish(0);
+    assert_eq!(chain_err(q2.pop()), ChainError::IndirectNotNegotiated);
+}
+
+#[test]
+fn split_fatal_errors_for_index_jumps_bad_heads_and_duplicates() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    w16(&m, d.avail + 2, 9); // 9 new buffers in an 8-entry queue
+    assert_eq!(fatal(q.pop()), FatalError::AvailJump { last: 0, idx: 9 });
+
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    d.avail_idx = 0;
+    d.publish(77);
+    assert_eq!(fatal(q.pop()), FatalError::HeadOutOfRange(77));
+
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    d.add(0, &[(DATA, 16, false)]);
+    d.publish(0);
+    assert!(q.pop().unwrap().is_ok());
+    assert_eq!(fatal(q.pop()), FatalError::DuplicateHead(0));
+}
+
+#[test]
+fn split_event_idx_suppresses_calls_and_kicks() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(true, false), m.clone()).unwrap();
+    let used_event = d.avail + 4 + 2 * 8;
+    let avail_event = d.used + 4 + 8 * 8;
+    // The driver asks for an interrupt only after used index 3 has passed.
+    w16(&m, used_event, 2);
+    for h in 0..4u16 {
+        d.add(h, &[(DATA, 16, false)]);
+    }
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let c = q.pop().unwrap().unwrap();
+        q.push_used(c.head, 1, 0);
+        calls.push(q.needs_call());
+    }
+    assert_eq!(calls, vec![true, false, true, false], "first call, then only when crossing used_event");
+    // Arming publishes where the driver must kick next and reports nothing pending.
+    assert!(!q.enable_kicks());
+    assert_eq!(r16(&m, avail_event), 4);
+    d.add(4, &[(DATA, 16, false)]);
+    assert!(q.has_available());
+    assert!(q.enable_kicks(), "work that raced with arming is reported");
+}
+
+#[test]
+fn split_without_event_idx_uses_flags() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    q.disable_kicks();
+    assert_eq!(r16(&m, d.used), 1, "NO_NOTIFY set while polling");
+    q.enable_kicks();
+    assert_eq!(r16(&m, d.used), 0);
+    w16(&m, d.avail, 1); // driver sets NO_INTERRUPT
+    d.add(0, &[(DATA, 16, false)]);
+    let c = q.pop().unwrap().unwrap();
+    q.push_used(c.head, 1, 0);
+    assert!(!q.needs_call());
+}
+
+#[test]
+fn split_resumes_at_base_and_reports_it() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    for round in 0..20u16 {
+        let h = round % 8;
+        d.add(h, &[(DATA, 16, false)]);
+        let c = q.pop().unwrap().unwrap();
+        q.push_used(c.head, 1, 0);
+    }
+    assert_eq!(q.base(), 20);
+    // A new queue (reconnect) at base 20 continues from the used index in memory.
+    let mut p = d.params(false, false);
+    p.base = q.base();
+    let mut q2 = Virtqueue::new(&p, m.clone()).unwrap();
+    d.add(3, &[(DATA, 16, false)]);
+    let c = q2.pop().unwrap().unwrap();
+    assert_eq!(c.head, 3);
+    q2.push_used(c.head, 1, 7);
+    assert_eq!(d.used().last(), Some(&(3, 7)));
+    assert_eq!(q2.base(), 21);
+}
+
+#[test]
+fn queue_setup_refuses_bad_sizes_and_unmapped_or_misaligned_rings() {
+    let m = guest_mem();
+    let d = SplitDriver::new(m.clone(), 8);
+    let mut p = d.params(false, false);
+    p.size = 6;
+    assert_eq!(Virtqueue::new(&p, m.clone()).unwrap_err(), QueueError::BadSize(6));
+    let mut p = d.params(false, false);
+    p.addrs.desc = 8; // not 16-aligned
+    assert!(matches!(Virtqueue::new(&p, m.clone()).unwrap_err(), QueueError::Misaligned { .. }));
+    let mut p = d.params(false, false);
+    p.addrs.device = 64 << 20;
+    assert!(matches!(Virtqueue::new(&p, m.clone()).unwrap_err(), QueueError::NotMapped { .. }));
+    let mut p = d.params(false, false);
+    p.addrs.desc = (1 << 20) - 64; // table crossing into region B: must be one region
+    assert!(matches!(Virtqueue::new(&p, m).unwrap_err(), QueueError::NotMapped { .. }));
+}
+
+/// A packed-ring driver.
+struct PackedDriver {
+    m: Arc<GuestMemory>,
+    size: u16,
+    desc: u64,
+    drv: u64,
+    dev: u64,
+    next: u16,
+    wrap: bool,
+    used_next: u16,
+    used_wrap: bool,
+    chain_len: HashMap<u16, u16>,
+}
+
+impl PackedDriver {
+    fn new(m: Arc<GuestMemory>, size: u16) -> Self {
+        Self {
+            m,
+            size,
+            desc: 0x2000,
+            drv: 0x2000 + 16 * u64::from(size),
+            dev: 0x2000 + 16 * u64::from(size) + 4,
+            next: 0,
+            wrap: true,
+            used_next: 0,
+            used_wrap: true,
+            chain_len: HashMap::new(),
+        }
+    }
+
+    fn params(&self, event_idx: bool, indirect: bool) -> QueueParams {
+        QueueParams {
+            size: self.size,
+            addrs: RingAddrs { desc: self.desc, driver: self.drv, device: self.dev },
+            packed: true,
+            event_idx,
+            indirect,
+            base: 1 << 15,
+        }
+    }
+
+    fn avail_flags(&self, wrap: bool) -> u16 {
+        if wrap {
+            1 << 7
+        } else {
+            1 << 15
+        }
+    }
+
+    /// Writes the chain (head last) with buffer id `id`.
+    fn add(&mut self, id: u16, bufs: &[(u64, u32, u16)]) {
+        let (start, start_wrap) = (self.next, self.wrap);
+        let mut slots = Vec::new();
+        for (k, &(addr, len, extra)) in bufs.iter().enumerate() {
+            let mut flags = extra | self.avail_flags(self.wrap);
+            if k + 1 < bufs.len() {
+                flags |= 1;
+            }
+            slots.push((self.next, desc_bytes(addr, len, id, flags)));
+            self.next += 1;
+            if self.next == self.size {
+                self.next = 0;
+                self.wrap = !self.wrap;
+            }
+        }
+        for (slot, bytes) in slots.iter().rev() {
+            self.m.write(self.desc + 16 * u64::from(*slot), bytes).unwrap();
+        }
+        let _ = (start, start_wrap);
+        self.chain_len.insert(id, bufs.len() as u16);
+    }
+
+    fn used(&mut self) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        loop {
+            let d = self.desc + 16 * u64::from(self.used_next);
+            let flags = r16(&self.m, d + 14);
+            let a = flags & (1 << 7) != 0;
+            let u = flags & (1 << 15) != 0;
+            if !(a == self.used_wrap && u == self.used_wrap) {
+                return out;
+            }
+            let id = r16(&self.m, d + 12);
+            out.push((id, r32(&self.m, d + 8)));
+            let n = self.chain_len[&id];
+            self.used_next += n;
+            if self.used_next >= self.size {
+                self.used_next -= self.size;
+                self.used_wrap = !self.used_wrap;
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_round_trips_through_many_wraps() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 5); // not a power of two: allowed for packed rings
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    let mut returned = 0;
+    for round in 0..40u32 {
+        let id = (round % 3) as u16;
+        d.add(id, &[(DATA, 16, 0), (DATA + 4096, 8, 2)]);
+        let c = q.pop().unwrap().unwrap();
+        assert_eq!((c.head, c.ndesc, c.readable.total_len(), c.writable.total_len()), (id, 2, 16, 8));
+        assert!(q.pop().is_none());
+        q.push_used(c.head, c.ndesc, round);
+        let u = d.used();
+        assert_eq!(u, vec![(id, round)], "round {round}");
+        returned += 1;
+    }
+    assert_eq!(returned, 40);
+    // 80 slots used in a 5-entry ring: 16 wraps, so the wrap counter is back to its start.
+    assert_eq!(q.base(), u32::from(d.next) | (u32::from(d.wrap) << 15));
+}
+
+#[test]
+fn packed_completions_may_come_out_of_order() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    d.add(1, &[(DATA, 16, 0)]);
+    d.add(2, &[(DATA, 16, 0), (DATA, 1, 2)]);
+    let a = q.pop().unwrap().unwrap();
+    let b = q.pop().unwrap().unwrap();
+    q.push_used(b.head, b.ndesc, 1);
+    q.push_used(a.head, a.ndesc, 0);
+    assert_eq!(d.used(), vec![(2, 1), (1, 0)]);
+}
+
+#[test]
+fn packed_indirect_and_malformed_chains() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let table = 0x4_0000;
+    let mut t = Vec::new();
+    t.extend_from_slice(&desc_bytes(DATA, 16, 0, 0));
+    t.extend_from_slice(&desc_bytes(DATA + 4096, 512, 0, 2));
+    m.write(table, &t).unwrap();
+    let mut q = Virtqueue::new(&d.params(false, true), m.clone()).unwrap();
+    d.add(4, &[(table, 32, 4)]);
+    let c = q.pop().unwrap().unwrap();
+    assert_eq!((c.head, c.ndesc, c.readable.total_len(), c.writable.total_len()), (4, 1, 16, 512));
+    q.push_used(4, 1, 0);
+    // A bad buffer inside a chain: the whole chain is consumed and returned as one error.
+    d.add(5, &[(DATA, 16, 0), (64 << 20, 16, 2), (DATA, 1, 2)]);
+    match q.pop() {
+        Some(Err(PopError::Chain { head: 5, ndesc: 3, kind: ChainError::BadBuffer { .. } })) => {}
+        other => panic!("{other:?}"),
+    }
+    q.push_used(5, 3, 0);
+    d.add(6, &[(DATA, 16, 0)]);
+    assert_eq!(q.pop().unwrap().unwrap().head, 6, "the ring stays in step after a bad chain");
+    // Buffer ids beyond the queue size are refused.
+    d.add(100, &[(DATA, 16, 0)]);
+    assert_eq!(fatal(q.pop()), FatalError::HeadOutOfRange(100));
+}
+
+#[test]
+fn packed_duplicate_ids_and_cut_chains_are_fatal() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    d.add(1, &[(DATA, 16, 0)]);
+    d.add(1, &[(DATA, 16, 0)]);
+    assert!(q.pop().unwrap().is_ok());
+    assert_eq!(fatal(q.pop()), FatalError::DuplicateHead(1));
+    // A head whose NEXT leads to a slot the driver never made available.
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    m.write(d.desc, &desc_bytes(DATA, 16, 0, 1 | (1 << 7))).unwrap();
+    d.next = 1;
+    assert_eq!(fatal(q.pop()), FatalError::ChainCut(1));
+}
+
+#[test]
+fn packed_event_suppression() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let mut q = Virtqueue::new(&d.params(true, false), m.clone()).unwrap();
+    q.disable_kicks();
+    assert_eq!(r16(&m, d.dev + 2), 1);
+    assert!(!q.enable_kicks());
+    assert_eq!(r16(&m, d.dev + 2), 0);
+    // Driver: no interrupts.
+    w16(&m, d.drv + 2, 1);
+    d.add(0, &[(DATA, 16, 0)]);
+    let c = q.pop().unwrap().unwrap();
+    q.push_used(c.head, c.ndesc, 0);
+    assert!(!q.needs_call());
+    // Driver: interrupt when the used index passes 2 (wrap counter 1).
+    w16(&m, d.drv, 2 | (1 << 15));
+    w16(&m, d.drv + 2, 2);
+    let mut calls = Vec::new();
+    for id in 1..4u16 {
+        d.add(id, &[(DATA, 16, 0)]);
+        let c = q.pop().unwrap().unwrap();
+        q.push_used(c.head, c.ndesc, 0);
+        calls.push(q.needs_call());
+    }
+    assert_eq!(calls, vec![false, true, false], "only the completion that moves the used index past 2");
+}
