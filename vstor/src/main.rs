@@ -1,8 +1,9 @@
 //! `vstor`: the daemon (`serve`), an RPC client (`rpc`) and a benchmark (`perf`).
 
-mod perf;
 mod rpc_cli;
 mod serve;
+
+use vstor::{init_logging, perf};
 
 use clap::{Parser, Subcommand};
 
@@ -38,12 +39,4 @@ fn main() {
         Cmd::Perf(a) => perf::run(a),
     };
     std::process::exit(code);
-}
-
-/// Sets up logging to stderr at `level` (or `RUST_LOG` when set).
-pub(crate) fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},vstor={level}")));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

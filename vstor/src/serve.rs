@@ -17,7 +17,8 @@ pub struct ServeArgs {
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Start with the built-in default config: a 64 MiB RAM disk `Malloc0`.
+    /// Start with the built-in default config: a 64 MiB RAM disk `Malloc0` served as the
+    /// vhost-user-blk controller `vhost.0` (socket `<socket dir>/vhost.0`).
     #[arg(long, conflicts_with = "config")]
     default_config: bool,
 
@@ -46,6 +47,11 @@ pub struct ServeArgs {
     #[arg(long)]
     no_pin: bool,
 
+    /// Permissions of vhost-user controller sockets (octal). The socket's owner and group can
+    /// attach a VM; nobody else can.
+    #[arg(long, value_name = "OCTAL", default_value = "660", value_parser = parse_mode)]
+    socket_mode: u32,
+
     /// Permissions of the RPC socket (octal).
     #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
     rpc_socket_mode: u32,
@@ -70,6 +76,9 @@ pub fn default_config() -> serde_json::Value {
             { "subsystem": "bdev", "config": [
                 { "method": "bdev_malloc_create",
                   "params": { "name": "Malloc0", "num_blocks": 131072, "block_size": 512, "memfd": false } }
+            ]},
+            { "subsystem": "vhost_blk", "config": [
+                { "method": "vhost_create_blk_controller", "params": { "ctrlr": "vhost.0", "dev_name": "Malloc0" } }
             ]}
         ]
     })
@@ -97,6 +106,7 @@ pub fn run(a: ServeArgs) -> i32 {
         rpc_socket: a.rpc_socket.clone(),
         socket_dir: a.socket_dir.clone(),
         max_request: a.max_rpc_request,
+        socket_mode: a.socket_mode,
     };
     let (app, shutdown_rx) = App::new(opts, reactors);
 
@@ -157,4 +167,21 @@ fn install_signal_handlers(app: &Arc<App>) {
 fn print_ready(app: &Arc<App>) {
     let sock = app.opts.rpc_socket.display();
     tracing::info!("vstor {} ready; manage it with: vstor rpc -s {sock} bdev_get_bdevs", env!("CARGO_PKG_VERSION"));
+    let ctrls = app.vhost.list();
+    if ctrls.is_empty() {
+        return;
+    }
+    let mut cmd = String::from(
+        "qemu-system-x86_64 -machine q35 -accel kvm -smp 2 -m 1G \\\n  \
+         -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \\\n  \
+         -kernel bzImage -initrd initrd.img -append console=ttyS0 -nographic",
+    );
+    for (i, c) in ctrls.iter().enumerate() {
+        cmd.push_str(&format!(
+            " \\\n  -chardev socket,id=vstor{i},path={},reconnect=1 -device vhost-user-blk-pci,chardev=vstor{i},num-queues=2",
+            c.socket().display()
+        ));
+    }
+    // Printed on stdout so it can be copied; everything else goes to the log on stderr.
+    println!("Attach a VM to vstor with:\n{cmd}");
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde_json::Value;
 use vstor_bdev::BdevRegistry;
 use vstor_reactor::Reactors;
+use vstor_vhost::VhostManager;
 
 use crate::error::RpcError;
 use crate::methods::Methods;
@@ -22,11 +23,18 @@ pub struct AppOptions {
     pub socket_dir: PathBuf,
     /// Largest request the RPC server reads, in bytes.
     pub max_request: usize,
+    /// Permissions of vhost-user and vfio-user sockets.
+    pub socket_mode: u32,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        Self { rpc_socket: "/var/tmp/vstor.sock".into(), socket_dir: "/var/tmp".into(), max_request: 4 << 20 }
+        Self {
+            rpc_socket: "/var/tmp/vstor.sock".into(),
+            socket_dir: "/var/tmp".into(),
+            max_request: 4 << 20,
+            socket_mode: 0o660,
+        }
     }
 }
 
@@ -44,6 +52,7 @@ pub struct App {
     pub opts: AppOptions,
     pub reactors: Reactors,
     pub bdevs: BdevRegistry,
+    pub vhost: VhostManager,
     methods: Methods,
     shutdown_tx: Mutex<Option<Sender<Shutdown>>>,
     /// RPCs run one at a time, as in SPDK, so a create and a delete never interleave.
@@ -63,9 +72,11 @@ impl App {
     /// Creates the application over started reactors. The receiver yields the shutdown request.
     pub fn new(opts: AppOptions, reactors: Reactors) -> (Arc<App>, Receiver<Shutdown>) {
         let (tx, rx) = mpsc::channel();
+        let vhost = VhostManager::new(opts.socket_dir.clone(), opts.socket_mode, reactors.handles().to_vec());
         let app = Arc::new(App {
             opts,
             reactors,
+            vhost,
             bdevs: BdevRegistry::new(),
             methods: Methods::new(),
             shutdown_tx: Mutex::new(Some(tx)),
@@ -105,8 +116,10 @@ impl App {
         self.malloc_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Orderly stop: flush every bdev that has a write cache, then stop the reactors.
+    /// Orderly stop: disconnect frontends once their in-flight requests complete, flush every bdev
+    /// that has a write cache, then stop the reactors.
     pub fn shutdown(&self) {
+        self.vhost.shutdown();
         crate::methods::bdev::flush_all(self);
         self.reactors.stop();
     }

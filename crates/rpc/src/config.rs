@@ -18,7 +18,10 @@ pub struct Subsystem {
 
 /// Subsystems in initialisation order (dependencies first).
 pub fn subsystems() -> Vec<Subsystem> {
-    vec![Subsystem { name: "bdev", depends_on: &[], dump: crate::methods::bdev::dump_config }]
+    vec![
+        Subsystem { name: "bdev", depends_on: &[], dump: crate::methods::bdev::dump_config },
+        Subsystem { name: "vhost_blk", depends_on: &["bdev"], dump: crate::methods::vhost::dump_blk_config },
+    ]
 }
 
 /// Why a config file could not be applied. The message names the file, the entry and the

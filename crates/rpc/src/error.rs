@@ -43,6 +43,21 @@ impl RpcError {
     }
 }
 
+impl From<vstor_vhost::VhostError> for RpcError {
+    fn from(e: vstor_vhost::VhostError) -> Self {
+        use vstor_vhost::VhostError as V;
+        let msg = e.to_string();
+        match e {
+            V::Exists(_) => RpcError::errno(libc::EEXIST, msg),
+            V::NotFound(_) => RpcError::errno(libc::ENODEV, msg),
+            V::InUse(_) => RpcError::errno(libc::EBUSY, msg),
+            V::InvalidParam { .. } => RpcError::invalid_params(msg),
+            V::Socket { source, .. } => RpcError::errno(source.raw_os_error().unwrap_or(libc::EIO), msg),
+            V::Bdev(b) => b.into(),
+        }
+    }
+}
+
 impl From<BdevError> for RpcError {
     fn from(e: BdevError) -> Self {
         let msg = e.to_string();

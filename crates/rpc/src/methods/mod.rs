@@ -11,6 +11,7 @@ use crate::error::{RpcError, INVALID_PARAMS, METHOD_NOT_FOUND};
 
 pub mod bdev;
 pub mod framework;
+pub mod vhost;
 
 type Handler = Box<dyn Fn(&Arc<App>, Option<Value>) -> Result<Value, RpcError> + Send + Sync>;
 
@@ -51,6 +52,7 @@ impl Methods {
         let mut m = Self { map: BTreeMap::new() };
         framework::register(&mut m);
         bdev::register(&mut m);
+        vhost::register(&mut m);
         m
     }
 

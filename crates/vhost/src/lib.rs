@@ -1,0 +1,460 @@
+//! vhost-user controllers: a UNIX socket per controller, a connection thread that speaks the
+//! vhost-user protocol (through rust-vmm's `vhost` crate), and virtio devices whose queues run as
+//! pollers on the controller's reactors.
+//!
+//! ```text
+//!  QEMU ──socket──► controller thread: vhost::BackendReqHandler ─► Session (protocol state)
+//!                                                   │ ReactorHandle::call (start/stop/memory)
+//!                                                   ▼
+//!                  reactor N: VirtqPoller ─► BlkHandler ─► BdevChannel ─► backend
+//! ```
+
+pub mod blk;
+pub mod queue;
+mod session;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde_json::{json, Value};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use vstor_bdev::Bdev;
+use vstor_reactor::{CpuMask, Reactor, ReactorHandle};
+
+pub use blk::BlkDevice;
+pub use queue::{Coalescing, QueueCell, QueueCore, QueueHandler, VirtqPoller};
+use session::Session;
+
+/// Queues a controller offers (a guest uses at most one per vCPU).
+pub const MAX_QUEUES: u16 = 16;
+
+/// What a virtio device type provides to the vhost layer.
+pub trait VirtioBackend: Send + Sync + 'static {
+    /// Device-specific feature bits.
+    fn device_features(&self) -> u64;
+    /// The device configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Queues offered.
+    fn max_queues(&self) -> u16;
+    /// Builds queue `index`'s handler on reactor `r`.
+    fn make_handler(
+        &self,
+        r: &mut Reactor,
+        index: u16,
+        size: u16,
+        features: u64,
+    ) -> Result<Box<dyn QueueHandler>, String>;
+}
+
+impl VirtioBackend for BlkDevice {
+    fn device_features(&self) -> u64 {
+        self.features()
+    }
+
+    fn config(&self) -> Vec<u8> {
+        BlkDevice::config(self)
+    }
+
+    fn max_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    fn make_handler(
+        &self,
+        r: &mut Reactor,
+        _index: u16,
+        size: u16,
+        features: u64,
+    ) -> Result<Box<dyn QueueHandler>, String> {
+        let dev = Arc::new(BlkDevice::new(self.bdev.clone(), self.readonly, self.num_queues));
+        Ok(Box::new(blk::BlkHandler::new(dev, r, size, features).map_err(|e| e.to_string())?))
+    }
+}
+
+/// Errors of controller management.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostError {
+    #[error("controller '{0}' already exists")]
+    Exists(String),
+    #[error("controller '{0}' not found")]
+    NotFound(String),
+    #[error("controller '{0}' has a connected frontend; stop the VM (or detach the device) first")]
+    InUse(String),
+    #[error("invalid {param}: {msg}")]
+    InvalidParam { param: &'static str, msg: String },
+    #[error("socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Bdev(#[from] vstor_bdev::BdevError),
+}
+
+/// Which device a controller is.
+pub enum DeviceKind {
+    Blk { bdev: Arc<Bdev>, readonly: bool },
+}
+
+/// State shared by a controller, its connection thread and its sessions.
+pub struct CtrlShared {
+    pub name: Arc<str>,
+    pub backend: Arc<dyn VirtioBackend>,
+    pub reactors: Vec<ReactorHandle>,
+    pub packed: bool,
+    pub coalescing: Arc<Coalescing>,
+    connected: AtomicBool,
+    started_queues: AtomicUsize,
+}
+
+/// A vhost-user controller: a listening socket and at most one connected frontend.
+pub struct Controller {
+    shared: Arc<CtrlShared>,
+    kind: DeviceKind,
+    socket: PathBuf,
+    cpumask: CpuMask,
+    stop: Arc<AtomicBool>,
+    conn: Arc<Mutex<Option<UnixStream>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Controller({})", self.shared.name)
+    }
+}
+
+impl Controller {
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// SPDK's `vhost_get_controllers` entry.
+    pub fn info(&self) -> Value {
+        let backend = match &self.kind {
+            DeviceKind::Blk { bdev, readonly } => json!({
+                "block": { "readonly": readonly, "bdev": bdev.name(), "transport": "vhost_user_blk" }
+            }),
+        };
+        json!({
+            "ctrlr": self.name(),
+            "cpumask": self.cpumask.to_hex(),
+            "delay_base_us": self.shared.coalescing.delay_base_us.load(Ordering::Relaxed),
+            "iops_threshold": self.shared.coalescing.iops_threshold.load(Ordering::Relaxed),
+            "socket": self.socket.display().to_string(),
+            "connected": self.is_connected(),
+            "started_queues": self.shared.started_queues.load(Ordering::Relaxed),
+            "backend_specific": backend,
+        })
+    }
+
+    /// The RPC calls that recreate this controller.
+    pub fn config(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        match &self.kind {
+            DeviceKind::Blk { bdev, readonly } => out.push(json!({
+                "method": "vhost_create_blk_controller",
+                "params": {
+                    "ctrlr": self.name(),
+                    "dev_name": bdev.name(),
+                    "readonly": readonly,
+                    "packed_ring": self.shared.packed,
+                    "cpumask": self.cpumask.to_hex(),
+                }
+            })),
+        }
+        let c = &self.shared.coalescing;
+        let (d, i) = (c.delay_base_us.load(Ordering::Relaxed), c.iops_threshold.load(Ordering::Relaxed));
+        if d != 0 {
+            out.push(json!({
+                "method": "vhost_controller_set_coalescing",
+                "params": { "ctrlr": self.name(), "delay_base_us": d, "iops_threshold": i }
+            }));
+        }
+        out
+    }
+
+    fn claim_owner(&self) -> String {
+        format!("vhost:{}", self.name())
+    }
+
+    /// Disconnects the frontend (if any), stops the thread, removes the socket, releases the bdev.
+    fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake the blocking accept.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        match &self.kind {
+            DeviceKind::Blk { bdev, .. } => bdev.release(&self.claim_owner()),
+        }
+    }
+}
+
+/// Serves connections on `listener` until stopped. One frontend at a time.
+fn serve(shared: Arc<CtrlShared>, listener: UnixListener, stop: Arc<AtomicBool>, conn: Arc<Mutex<Option<UnixStream>>>) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(ctrlr = %shared.name, "accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
+        *conn.lock().unwrap_or_else(|e| e.into_inner()) = stream.try_clone().ok();
+        shared.connected.store(true, Ordering::SeqCst);
+        tracing::info!(ctrlr = %shared.name, "frontend connected");
+        let session = Arc::new(Mutex::new(Session::new(shared.clone())));
+        let mut handler = BackendReqHandler::from_stream(stream, session.clone());
+        let mut errors = 0u32;
+        loop {
+            let r = handler.handle_request();
+            let (close, running) = {
+                let s = session.lock().unwrap_or_else(|e| e.into_inner());
+                (s.close, s.running())
+            };
+            shared.started_queues.store(running, Ordering::Relaxed);
+            match r {
+                Ok(()) => errors = 0,
+                Err(VuError::Disconnected) => break,
+                Err(
+                    e @ (VuError::PartialMessage
+                    | VuError::SocketBroken(_)
+                    | VuError::SocketError(_)
+                    | VuError::InvalidMessage
+                    | VuError::IncorrectFds
+                    | VuError::OversizedMsg),
+                ) => {
+                    tracing::warn!(ctrlr = %shared.name, "closing the connection: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(ctrlr = %shared.name, "request failed: {e}");
+                    errors += 1;
+                    if errors > 64 {
+                        tracing::warn!(ctrlr = %shared.name, "too many failed requests; closing the connection");
+                        break;
+                    }
+                }
+            }
+            if close || stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        drop(handler);
+        session.lock().unwrap_or_else(|e| e.into_inner()).teardown();
+        shared.started_queues.store(0, Ordering::Relaxed);
+        shared.connected.store(false, Ordering::SeqCst);
+        *conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        tracing::info!(ctrlr = %shared.name, "frontend disconnected");
+    }
+}
+
+/// Every vhost controller of the process.
+pub struct VhostManager {
+    socket_dir: PathBuf,
+    socket_mode: u32,
+    reactors: Vec<ReactorHandle>,
+    ctrls: Mutex<BTreeMap<String, Arc<Controller>>>,
+    order: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for VhostManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VhostManager({})", self.socket_dir.display())
+    }
+}
+
+/// Options for a new blk controller.
+#[derive(Debug, Clone, Default)]
+pub struct BlkOptions {
+    pub readonly: bool,
+    pub packed_ring: bool,
+    pub cpumask: Option<CpuMask>,
+}
+
+impl VhostManager {
+    pub fn new(socket_dir: PathBuf, socket_mode: u32, reactors: Vec<ReactorHandle>) -> Self {
+        Self { socket_dir, socket_mode, reactors, ctrls: Mutex::new(BTreeMap::new()), order: Mutex::new(Vec::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Controller>>> {
+        self.ctrls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The directory controller sockets are created in.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
+    fn check_name(&self, name: &str) -> Result<PathBuf, VhostError> {
+        if name.is_empty() || name.contains('/') || name.contains('\0') || name == "." || name == ".." {
+            return Err(VhostError::InvalidParam {
+                param: "ctrlr",
+                msg: format!("'{name}' is not a valid socket name"),
+            });
+        }
+        let path = self.socket_dir.join(name);
+        if path.as_os_str().len() >= 108 {
+            return Err(VhostError::InvalidParam {
+                param: "ctrlr",
+                msg: format!("socket path {} is longer than a UNIX socket path may be (107 bytes)", path.display()),
+            });
+        }
+        if self.lock().contains_key(name) {
+            return Err(VhostError::Exists(name.to_string()));
+        }
+        Ok(path)
+    }
+
+    fn reactors_for(&self, mask: Option<&CpuMask>) -> Result<(CpuMask, Vec<ReactorHandle>), VhostError> {
+        let all = CpuMask::from_cores(self.reactors.iter().map(|h| h.core()));
+        let Some(mask) = mask else { return Ok((all, self.reactors.clone())) };
+        if let Some(c) = mask.cores().iter().find(|c| !all.contains(**c)) {
+            return Err(VhostError::InvalidParam {
+                param: "cpumask",
+                msg: format!("core {c} of {mask} has no reactor (vstor runs on {all})"),
+            });
+        }
+        let r = self.reactors.iter().filter(|h| mask.contains(h.core())).cloned().collect();
+        Ok((mask.clone(), r))
+    }
+
+    /// Creates a vhost-user-blk controller serving `bdev` at `<socket dir>/<name>`.
+    pub fn create_blk(&self, name: &str, bdev: Arc<Bdev>, o: BlkOptions) -> Result<(), VhostError> {
+        let path = self.check_name(name)?;
+        let (cpumask, reactors) = self.reactors_for(o.cpumask.as_ref())?;
+        let backend = Arc::new(BlkDevice::new(bdev.clone(), o.readonly, MAX_QUEUES));
+        let kind = DeviceKind::Blk { bdev: bdev.clone(), readonly: o.readonly };
+        let owner = format!("vhost:{name}");
+        bdev.claim(&owner, true)?;
+        match self.start(name, path, cpumask, reactors, backend, kind, o.packed_ring) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                bdev.release(&owner);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &self,
+        name: &str,
+        path: PathBuf,
+        cpumask: CpuMask,
+        reactors: Vec<ReactorHandle>,
+        backend: Arc<dyn VirtioBackend>,
+        kind: DeviceKind,
+        packed: bool,
+    ) -> Result<(), VhostError> {
+        let sock_err = |source| VhostError::Socket { path: path.clone(), source };
+        if path.exists() {
+            if UnixStream::connect(&path).is_ok() {
+                return Err(VhostError::InvalidParam {
+                    param: "ctrlr",
+                    msg: format!("socket {} is in use by another process", path.display()),
+                });
+            }
+            std::fs::remove_file(&path).map_err(sock_err)?;
+        }
+        let listener = UnixListener::bind(&path).map_err(sock_err)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(self.socket_mode)).map_err(sock_err)?;
+        let shared = Arc::new(CtrlShared {
+            name: Arc::from(name),
+            backend,
+            reactors,
+            packed,
+            coalescing: Arc::new(Coalescing::default()),
+            connected: AtomicBool::new(false),
+            started_queues: AtomicUsize::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn = Arc::new(Mutex::new(None));
+        let (s2, st2, c2) = (shared.clone(), stop.clone(), conn.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost_{name}"))
+            .spawn(move || serve(s2, listener, st2, c2))
+            .map_err(sock_err)?;
+        let ctrl = Arc::new(Controller {
+            shared,
+            kind,
+            socket: path.clone(),
+            cpumask,
+            stop,
+            conn,
+            thread: Mutex::new(Some(thread)),
+        });
+        tracing::info!(ctrlr = name, socket = %path.display(), cpumask = %ctrl.cpumask, "vhost controller created");
+        self.lock().insert(name.to_string(), ctrl);
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).push(name.to_string());
+        Ok(())
+    }
+
+    /// Deletes a controller; refused while a frontend is connected (as SPDK does).
+    pub fn delete(&self, name: &str) -> Result<(), VhostError> {
+        let ctrl = self.lock().get(name).cloned().ok_or_else(|| VhostError::NotFound(name.to_string()))?;
+        if ctrl.is_connected() {
+            return Err(VhostError::InUse(name.to_string()));
+        }
+        ctrl.shutdown();
+        self.lock().remove(name);
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).retain(|n| n != name);
+        tracing::info!(ctrlr = name, "vhost controller deleted");
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Controller>> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Controllers sorted by name.
+    pub fn list(&self) -> Vec<Arc<Controller>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Controllers in creation order (for config dumps).
+    pub fn list_in_creation_order(&self) -> Vec<Arc<Controller>> {
+        let m = self.lock();
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(|n| m.get(n).cloned()).collect()
+    }
+
+    /// Sets SPDK-style interrupt coalescing for a controller.
+    pub fn set_coalescing(&self, name: &str, delay_base_us: u32, iops_threshold: u32) -> Result<(), VhostError> {
+        let ctrl = self.get(name).ok_or_else(|| VhostError::NotFound(name.to_string()))?;
+        if delay_base_us > 0 && iops_threshold == 0 {
+            return Err(VhostError::InvalidParam { param: "iops_threshold", msg: "must be greater than 0".into() });
+        }
+        let c = &ctrl.shared.coalescing;
+        c.delay_base_us.store(delay_base_us, Ordering::Relaxed);
+        c.iops_threshold.store(iops_threshold, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stops every controller: frontends are disconnected after their in-flight requests drain.
+    pub fn shutdown(&self) {
+        let all: Vec<_> = std::mem::take(&mut *self.lock()).into_values().collect();
+        for c in all {
+            c.shutdown();
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The reactor side of one virtqueue: a poller that takes chains from the ring, hands them to a
+//! device handler (virtio-blk, virtio-scsi), and returns them when the device completes them.
+//!
+//! Everything here lives on the queue's reactor. The control thread reaches it only through
+//! reactor messages (memory-table swap, fd changes, stop), applied between polls.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vstor_bdev::{IoResult, IoSink};
+use vstor_mem::GuestMemory;
+use vstor_reactor::{EpollHandle, PollStatus, Poller};
+use vstor_virtio::{DescChain, PopError, QueueParams, Virtqueue};
+
+/// Chains taken per poll, so one busy queue cannot starve the others on its reactor.
+pub const POLL_BUDGET: usize = 128;
+
+/// SPDK-style interrupt coalescing settings of a controller, shared by its queues.
+#[derive(Debug, Default)]
+pub struct Coalescing {
+    pub delay_base_us: AtomicU32,
+    pub iops_threshold: AtomicU32,
+}
+
+/// Sets `O_NONBLOCK` on an fd received from the frontend, so draining it never blocks.
+pub fn set_nonblocking(f: &File) {
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl with F_GETFL/F_SETFL on an fd we own; no memory is passed.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// Signals an eventfd.
+pub fn signal_fd(f: &File) {
+    // A full counter (EAGAIN) still means "signalled"; other errors are the frontend's problem.
+    let _ = (&*f).write(&1u64.to_ne_bytes());
+}
+
+/// Reads an eventfd's counter to zero (it is non-blocking).
+pub fn drain_fd(f: &File) {
+    let mut b = [0u8; 8];
+    let _ = (&*f).read(&mut b);
+}
+
+/// Generic per-queue state the device handlers use.
+pub struct QueueCore {
+    pub vq: Virtqueue,
+    pub index: u16,
+    /// Controller name, for logs.
+    pub name: Arc<str>,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    epoll: EpollHandle,
+    inflight: usize,
+    need_call: bool,
+    broken: bool,
+    stopping: bool,
+    drained: Option<Sender<()>>,
+    coalescing: Arc<Coalescing>,
+    window_start: Instant,
+    window_done: u64,
+    irq_delay: Duration,
+    next_call: Instant,
+    /// Requests completed on this queue.
+    pub completed: u64,
+}
+
+impl QueueCore {
+    /// Returns chain `head` (using `ndesc` ring slots) with `len` bytes written to the driver.
+    pub fn complete(&mut self, head: u16, ndesc: u16, len: u32) {
+        self.vq.push_used(head, ndesc, len);
+        self.inflight = self.inflight.saturating_sub(1);
+        self.completed += 1;
+        self.window_done += 1;
+        self.need_call = true;
+        if self.inflight == 0 && self.stopping {
+            if let Some(tx) = self.drained.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Requests taken and not yet returned.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// The memory snapshot chains point into; requests keep a clone while in flight.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        self.vq.memory()
+    }
+
+    /// Stops processing and tells the frontend (its error eventfd makes QEMU flag the device as
+    /// needing reset).
+    pub fn mark_broken(&mut self, why: &dyn std::fmt::Display) {
+        if !self.broken {
+            tracing::warn!(ctrlr = %self.name, queue = self.index, "virtqueue broken: {why}");
+            self.broken = true;
+            if let Some(e) = &self.err {
+                signal_fd(e);
+            }
+        }
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn update_coalescing(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed < Duration::from_millis(10) {
+            return;
+        }
+        let base = u64::from(self.coalescing.delay_base_us.load(Ordering::Relaxed));
+        let threshold = u64::from(self.coalescing.iops_threshold.load(Ordering::Relaxed));
+        let iops = self.window_done.saturating_mul(1_000_000) / u64::try_from(elapsed.as_micros()).unwrap_or(1).max(1);
+        self.irq_delay = if base > 0 && threshold > 0 && iops > threshold {
+            // SPDK's rule: the delay grows with how far the rate is above the threshold.
+            let us = base.saturating_mul(iops - threshold) / threshold;
+            Duration::from_micros(us.min(base.saturating_mul(10)))
+        } else {
+            Duration::ZERO
+        };
+        self.window_start = now;
+        self.window_done = 0;
+    }
+
+    /// Sends the interrupt the driver asked for, unless coalescing holds it back for now.
+    /// Returns true if an interrupt is still owed.
+    fn maybe_call(&mut self) -> bool {
+        if !self.need_call {
+            return false;
+        }
+        let now = Instant::now();
+        self.update_coalescing(now);
+        if !self.irq_delay.is_zero() && now < self.next_call {
+            return true;
+        }
+        self.need_call = false;
+        if self.vq.needs_call() {
+            if let Some(c) = &self.call {
+                signal_fd(c);
+            }
+            self.next_call = now + self.irq_delay;
+        }
+        false
+    }
+}
+
+/// Device-specific request processing.
+pub trait QueueHandler: Any {
+    /// A new request. The handler completes it with [`QueueCore::complete`], now or later.
+    fn handle(&mut self, core: &mut QueueCore, chain: DescChain, me: &Rc<QueueCell>);
+
+    /// A bdev I/O submitted with `me` as sink completed.
+    fn io_done(&mut self, core: &mut QueueCore, tag: u64, result: IoResult);
+
+    /// A chain too malformed to parse: return it with nothing written.
+    fn bad_chain(&mut self, core: &mut QueueCore, head: u16, ndesc: u16) {
+        core.complete(head, ndesc, 0);
+    }
+}
+
+/// Queue state, shared between the poller and in-flight I/O callbacks (same reactor).
+pub struct QueueState {
+    pub core: QueueCore,
+    pub handler: Box<dyn QueueHandler>,
+}
+
+/// The `Rc` target that bdev completions call into.
+pub struct QueueCell(pub RefCell<QueueState>);
+
+impl IoSink for QueueCell {
+    fn io_done(&self, tag: u64, result: IoResult) {
+        let mut st = self.0.borrow_mut();
+        let QueueState { core, handler } = &mut *st;
+        handler.io_done(core, tag, result);
+    }
+}
+
+/// What the control thread gives the reactor to start a queue.
+pub struct QueueStart {
+    pub params: QueueParams,
+    pub mem: Arc<GuestMemory>,
+    pub index: u16,
+    pub name: Arc<str>,
+    pub kick: Option<File>,
+    pub call: Option<File>,
+    pub err: Option<File>,
+    pub coalescing: Arc<Coalescing>,
+}
+
+/// The poller registered on the queue's reactor.
+pub struct VirtqPoller {
+    cell: Rc<QueueCell>,
+    kick_fd: Option<RawFd>,
+}
+
+impl VirtqPoller {
+    /// Builds the queue (validating the rings) with `handler`; registers the kick fd for wake-ups.
+    pub fn new(
+        s: QueueStart,
+        handler: Box<dyn QueueHandler>,
+        epoll: EpollHandle,
+    ) -> Result<Self, vstor_virtio::QueueError> {
+        let vq = Virtqueue::new(&s.params, s.mem)?;
+        for f in [&s.kick, &s.call, &s.err].into_iter().flatten() {
+            set_nonblocking(f);
+        }
+        let kick_fd = s.kick.as_ref().map(|k| k.as_raw_fd());
+        if let Some(fd) = kick_fd {
+            if let Err(e) = epoll.add(fd) {
+                tracing::warn!(ctrlr = %s.name, queue = s.index, "cannot watch kick fd: {e}");
+            }
+        }
+        let now = Instant::now();
+        let core = QueueCore {
+            vq,
+            index: s.index,
+            name: s.name,
+            kick: s.kick,
+            call: s.call,
+            err: s.err,
+            epoll,
+            inflight: 0,
+            need_call: false,
+            broken: false,
+            stopping: false,
+            drained: None,
+            coalescing: s.coalescing,
+            window_start: now,
+            window_done: 0,
+            irq_delay: Duration::ZERO,
+            next_call: now,
+            completed: 0,
+        };
+        let cell = Rc::new(QueueCell(RefCell::new(QueueState { core, handler })));
+        Ok(Self { cell, kick_fd })
+    }
+
+    /// Switches to a new memory table. In-flight requests keep the old snapshot alive.
+    pub fn set_memory(&mut self, mem: Arc<GuestMemory>) {
+        let mut st = self.cell.0.borrow_mut();
+        let core = &mut st.core;
+        if let Err(e) = core.vq.set_memory(mem) {
+            core.mark_broken(&e);
+        }
+    }
+
+    /// Replaces the call (interrupt) eventfd.
+    pub fn set_call(&mut self, call: Option<File>) {
+        if let Some(f) = &call {
+            set_nonblocking(f);
+        }
+        self.cell.0.borrow_mut().core.call = call;
+    }
+
+    /// Replaces the error eventfd.
+    pub fn set_err(&mut self, err: Option<File>) {
+        if let Some(f) = &err {
+            set_nonblocking(f);
+        }
+        self.cell.0.borrow_mut().core.err = err;
+    }
+
+    /// Replaces the kick eventfd (None: the frontend wants the device to poll).
+    pub fn set_kick(&mut self, kick: Option<File>) {
+        let mut st = self.cell.0.borrow_mut();
+        if let Some(fd) = self.kick_fd.take() {
+            st.core.epoll.remove(fd);
+        }
+        if let Some(f) = &kick {
+            set_nonblocking(f);
+            if st.core.epoll.add(f.as_raw_fd()).is_ok() {
+                self.kick_fd = Some(f.as_raw_fd());
+            }
+        }
+        st.core.kick = kick;
+    }
+
+    /// Stops taking new requests; `drained` fires once nothing is in flight.
+    pub fn begin_stop(&mut self, drained: Sender<()>) {
+        let mut st = self.cell.0.borrow_mut();
+        st.core.stopping = true;
+        if st.core.inflight == 0 {
+            let _ = drained.send(());
+        } else {
+            st.core.drained = Some(drained);
+        }
+    }
+
+    /// The ring position to resume from (GET_VRING_BASE).
+    pub fn base(&self) -> u32 {
+        self.cell.0.borrow().core.vq.base()
+    }
+
+    /// Requests in flight.
+    pub fn inflight(&self) -> usize {
+        self.cell.0.borrow().core.inflight
+    }
+
+    /// Requests completed.
+    pub fn completed(&self) -> u64 {
+        self.cell.0.borrow().core.completed
+    }
+
+    /// Runs `f` on the device handler (e.g. to deliver a hot-plug event).
+    pub fn with_handler<R>(&mut self, f: impl FnOnce(&mut QueueCore, &mut dyn QueueHandler, &Rc<QueueCell>) -> R) -> R {
+        let cell = self.cell.clone();
+        let mut st = cell.0.borrow_mut();
+        let QueueState { core, handler } = &mut *st;
+        f(core, handler.as_mut(), &cell)
+    }
+}
+
+impl Drop for VirtqPoller {
+    fn drop(&mut self) {
+        if let Some(fd) = self.kick_fd.take() {
+            self.cell.0.borrow().core.epoll.remove(fd);
+        }
+    }
+}
+
+impl Poller for VirtqPoller {
+    fn poll(&mut self) -> PollStatus {
+        let cell = &self.cell;
+        let mut st = cell.0.borrow_mut();
+        let QueueState { core, handler } = &mut *st;
+        if core.broken {
+            return PollStatus::Idle;
+        }
+        let mut taken = 0;
+        if !core.stopping {
+            while taken < POLL_BUDGET {
+                match core.vq.pop() {
+                    None => break,
+                    Some(Ok(chain)) => {
+                        core.inflight += 1;
+                        handler.handle(core, chain, cell);
+                    }
+                    Some(Err(PopError::Chain { head, ndesc, kind })) => {
+                        tracing::debug!(ctrlr = %core.name, queue = core.index, head, "bad descriptor chain: {kind}");
+                        core.inflight += 1;
+                        handler.bad_chain(core, head, ndesc);
+                    }
+                    Some(Err(PopError::Fatal(f))) => {
+                        core.mark_broken(&f);
+                        break;
+                    }
+                }
+                taken += 1;
+            }
+        }
+        let owed = core.maybe_call();
+        PollStatus::from_work(taken > 0 || owed)
+    }
+
+    fn arm(&mut self) -> bool {
+        let mut st = self.cell.0.borrow_mut();
+        let core = &mut st.core;
+        if core.broken {
+            return false;
+        }
+        if let Some(k) = &core.kick {
+            drain_fd(k);
+        } else {
+            // No kick fd: the frontend expects the device to poll, so never sleep on this queue.
+            return true;
+        }
+        if core.stopping {
+            return core.need_call;
+        }
+        core.vq.enable_kicks() || core.need_call
+    }
+
+    fn disarm(&mut self) {
+        let mut st = self.cell.0.borrow_mut();
+        if !st.core.broken && !st.core.stopping {
+            st.core.vq.disable_kicks();
+        }
+    }
+
+    fn name(&self) -> &str {
+        "virtqueue"
+    }
+}

@@ -1,0 +1,463 @@
+//! One vhost-user connection: the protocol state a frontend sets up (features, memory table,
+//! vrings) and the queues it starts on reactors.
+//!
+//! Runs on the controller's connection thread. The rust-vmm `vhost` crate reads, validates and
+//! answers each message and calls the handler methods below; anything that touches a running queue
+//! is a message to that queue's reactor, and the reply is sent only after the reactor acknowledged
+//! (so GET_VRING_BASE answers once the ring is stopped and drained).
+
+use std::fs::File;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost::vhost_user::message::*;
+use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
+use vstor_mem::{GuestMemory, Region};
+use vstor_reactor::{PollerId, ReactorHandle};
+use vstor_virtio::{features as vf, QueueParams, RingAddrs, MAX_QUEUE_SIZE};
+
+use crate::queue::{QueueStart, VirtqPoller};
+use crate::CtrlShared;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30, vhost-user only).
+pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+pub const MAX_MEM_SLOTS: u64 = 509;
+/// How long a stop waits for in-flight requests before giving up on them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest config space read accepted.
+const MAX_CONFIG: u32 = 256;
+
+fn err(msg: impl Into<String>) -> VuError {
+    VuError::ReqHandlerError(std::io::Error::other(msg.into()))
+}
+
+#[derive(Default)]
+struct Vring {
+    num: u16,
+    /// Frontend virtual addresses: descriptor, available (driver) and used (device) areas.
+    addrs: Option<(u64, u64, u64)>,
+    base: u32,
+    kick_set: bool,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: bool,
+    running: Option<(ReactorHandle, PollerId, RingAddrs)>,
+}
+
+fn dup(f: &Option<File>) -> Option<File> {
+    f.as_ref().and_then(|f| f.try_clone().ok())
+}
+
+/// Protocol state of one connection.
+pub(crate) struct Session {
+    ctrl: Arc<CtrlShared>,
+    features: u64,
+    protocol: u64,
+    mem: Arc<GuestMemory>,
+    vrings: Vec<Vring>,
+    /// Set when a reply could not be produced: the connection is then closed, since the frontend
+    /// would otherwise wait for an answer forever.
+    pub close: bool,
+}
+
+impl Session {
+    pub fn new(ctrl: Arc<CtrlShared>) -> Self {
+        let n = usize::from(ctrl.backend.max_queues());
+        let mut vrings = Vec::new();
+        vrings.resize_with(n, Vring::default);
+        Self { ctrl, features: 0, protocol: 0, mem: Arc::new(GuestMemory::empty()), vrings, close: false }
+    }
+
+    /// Every feature bit offered.
+    pub fn offered_features(&self) -> u64 {
+        let mut f = self.ctrl.backend.device_features()
+            | vf::VERSION_1
+            | vf::RING_INDIRECT_DESC
+            | vf::RING_EVENT_IDX
+            | F_PROTOCOL_FEATURES;
+        if self.ctrl.packed {
+            f |= vf::RING_PACKED;
+        }
+        f
+    }
+
+    fn ring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        let n = self.vrings.len();
+        self.vrings
+            .get_mut(usize::try_from(index).unwrap_or(usize::MAX))
+            .ok_or_else(|| err(format!("vring index {index} is beyond the {n} queues offered")))
+    }
+
+    fn reactor_for(&self, index: usize) -> ReactorHandle {
+        let r = &self.ctrl.reactors;
+        r[index % r.len()].clone()
+    }
+
+    /// Number of queues running now.
+    pub fn running(&self) -> usize {
+        self.vrings.iter().filter(|v| v.running.is_some()).count()
+    }
+
+    fn gpa_addrs(&self, va: (u64, u64, u64)) -> Option<RingAddrs> {
+        Some(RingAddrs {
+            desc: self.mem.va_to_gpa(va.0)?,
+            driver: self.mem.va_to_gpa(va.1)?,
+            device: self.mem.va_to_gpa(va.2)?,
+        })
+    }
+
+    /// Starts ring `i` on its reactor if everything it needs has arrived.
+    fn try_start(&mut self, i: usize) -> VuResult<()> {
+        let protocol_features = self.features & F_PROTOCOL_FEATURES != 0;
+        let v = &self.vrings[i];
+        if v.running.is_some() || !v.kick_set || v.num == 0 || (protocol_features && !v.enabled) {
+            return Ok(());
+        }
+        let Some(va) = v.addrs else { return Ok(()) };
+        let addrs = self.gpa_addrs(va).ok_or_else(|| err(format!("vring {i} addresses are not in guest memory")))?;
+        let params = QueueParams {
+            size: v.num,
+            addrs,
+            packed: self.features & vf::RING_PACKED != 0,
+            event_idx: self.features & vf::RING_EVENT_IDX != 0,
+            indirect: self.features & vf::RING_INDIRECT_DESC != 0,
+            base: v.base,
+        };
+        let start = QueueStart {
+            params,
+            mem: self.mem.clone(),
+            index: u16::try_from(i).unwrap_or(u16::MAX),
+            name: self.ctrl.name.clone(),
+            kick: dup(&v.kick),
+            call: dup(&v.call),
+            err: dup(&v.err),
+            coalescing: self.ctrl.coalescing.clone(),
+        };
+        let reactor = self.reactor_for(i);
+        let backend = self.ctrl.backend.clone();
+        let features = self.features;
+        let id = reactor
+            .call(move |r| -> Result<PollerId, String> {
+                let handler = backend.make_handler(r, start.index, start.params.size, features)?;
+                let p = VirtqPoller::new(start, handler, r.epoll()).map_err(|e| e.to_string())?;
+                Ok(r.add_poller(Box::new(p)))
+            })
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(format!("starting vring {i}: {e}")))?;
+        tracing::info!(ctrlr = %self.ctrl.name, queue = i, core = reactor.core(), size = v.num, base = v.base,
+            packed = params.packed, event_idx = params.event_idx, "vring started");
+        self.vrings[i].running = Some((reactor, id, addrs));
+        Ok(())
+    }
+
+    /// Stops ring `i`: no new requests; waits until every request taken has completed; returns
+    /// the position to resume from.
+    fn stop(&mut self, i: usize) -> u32 {
+        let name = self.ctrl.name.clone();
+        let v = &mut self.vrings[i];
+        let Some((h, id, _)) = v.running.take() else { return v.base };
+        let (tx, rx) = mpsc::channel();
+        let found =
+            h.call(move |r| r.poller_mut::<VirtqPoller>(id).map(|p| p.begin_stop(tx)).is_some()).unwrap_or(false);
+        if found && rx.recv_timeout(STOP_TIMEOUT).is_err() {
+            tracing::error!(ctrlr = %name, queue = i, "requests still in flight after {STOP_TIMEOUT:?}; stopping anyway");
+        }
+        let state = h
+            .call(move |r| {
+                let p = r.remove_poller(id)?;
+                let p: Box<dyn std::any::Any> = p;
+                p.downcast::<VirtqPoller>().ok().map(|p| (p.base(), p.completed()))
+            })
+            .ok()
+            .flatten();
+        if let Some((base, completed)) = state {
+            v.base = base;
+            tracing::info!(ctrlr = %name, queue = i, base, completed, "vring stopped");
+        }
+        v.base
+    }
+
+    fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop(i);
+        }
+    }
+
+    /// Installs a new memory table and moves running queues onto it.
+    fn set_memory(&mut self, mem: GuestMemory) -> VuResult<()> {
+        self.mem = Arc::new(mem);
+        tracing::info!(ctrlr = %self.ctrl.name, regions = self.mem.regions().len(), bytes = self.mem.total_size(), "memory table set");
+        for i in 0..self.vrings.len() {
+            let Some((h, id, old)) = self.vrings[i].running.clone() else { continue };
+            let va = self.vrings[i].addrs.unwrap_or_default();
+            if self.gpa_addrs(va) == Some(old) {
+                let mem = self.mem.clone();
+                let _ = h.call(move |r| {
+                    if let Some(p) = r.poller_mut::<VirtqPoller>(id) {
+                        p.set_memory(mem);
+                    }
+                });
+            } else {
+                // The rings moved (or vanished): restart the queue on the new addresses.
+                self.stop(i);
+                self.try_start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases everything when the frontend goes away.
+    pub fn teardown(&mut self) {
+        self.stop_all();
+        self.mem = Arc::new(GuestMemory::empty());
+    }
+
+    fn update_running(&self, i: usize, f: impl FnOnce(&mut VirtqPoller) + Send + 'static) {
+        if let Some((h, id, _)) = &self.vrings[i].running {
+            let id = *id;
+            let _ = h.call(move |r| {
+                if let Some(p) = r.poller_mut::<VirtqPoller>(id) {
+                    f(p)
+                }
+            });
+        }
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for Session {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.stop_all();
+        self.features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.stop_all();
+        for v in self.vrings.iter_mut() {
+            *v = Vring::default();
+        }
+        self.features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.offered_features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        let extra = features & !self.offered_features();
+        if extra != 0 {
+            return Err(err(format!("features {extra:#x} were not offered")));
+        }
+        self.features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<u64>>> {
+        if ctx.len() != files.len() {
+            return Err(err("memory table: region and fd counts differ"));
+        }
+        let mut regions = Vec::with_capacity(ctx.len());
+        for (r, f) in ctx.iter().zip(files.iter()) {
+            let region = Region::map(f, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset)
+                .map_err(|e| err(format!("memory table: {e}")))?;
+            regions.push(region);
+        }
+        let mem = GuestMemory::new(regions).map_err(|e| err(format!("memory table: {e}")))?;
+        self.set_memory(mem)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) {
+            return Err(err(format!("vring {index}: size {num} is not between 1 and {MAX_QUEUE_SIZE}")));
+        }
+        self.ring(index)?.num = u16::try_from(num).unwrap_or(0);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        self.ring(index)?.addrs = Some((descriptor, available, used));
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        self.ring(index)?.base = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        let i = usize::try_from(index).unwrap_or(usize::MAX);
+        if i >= self.vrings.len() {
+            self.close = true;
+            return Err(err(format!("GET_VRING_BASE for vring {index}, beyond the queues offered")));
+        }
+        let base = self.stop(i);
+        let v = &mut self.vrings[i];
+        // The ring is stopped; it starts again only after a new SET_VRING_KICK.
+        v.kick_set = false;
+        v.kick = None;
+        Ok(VhostUserVringState::new(index, base))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = usize::from(index);
+        let v = self.ring(u32::from(index))?;
+        v.kick = fd;
+        v.kick_set = true;
+        if v.running.is_some() {
+            let k = dup(&v.kick);
+            self.update_running(i, move |p| p.set_kick(k));
+            Ok(())
+        } else {
+            self.try_start(i)
+        }
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.ring(u32::from(index))?;
+        v.call = fd;
+        let c = dup(&v.call);
+        self.update_running(usize::from(index), move |p| p.set_call(c));
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.ring(u32::from(index))?;
+        v.err = fd;
+        let e = dup(&v.err);
+        self.update_running(usize::from(index), move |p| p.set_err(e));
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.protocol = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        let i = usize::try_from(index).unwrap_or(usize::MAX);
+        self.ring(index)?.enabled = enable;
+        if enable {
+            self.try_start(i)
+        } else {
+            self.stop(i);
+            Ok(())
+        }
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        let end = offset.checked_add(size).filter(|&e| e <= MAX_CONFIG);
+        let Some(end) = end else {
+            self.close = true;
+            return Err(err(format!("GET_CONFIG offset {offset} size {size} beyond the config space")));
+        };
+        let mut cfg = self.ctrl.backend.config();
+        cfg.resize(MAX_CONFIG as usize, 0);
+        Ok(cfg[offset as usize..end as usize].to_vec())
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        tracing::debug!(ctrlr = %self.ctrl.name, offset, len = buf.len(), "SET_CONFIG ignored (read-only config space)");
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(err("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(err("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        self.close = true;
+        Err(err("in-flight tracking was not offered"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(err("in-flight tracking was not offered"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        r: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<u64>> {
+        if self.mem.regions().len() as u64 >= MAX_MEM_SLOTS {
+            return Err(err(format!("more than {MAX_MEM_SLOTS} memory regions")));
+        }
+        let region = Region::map(&fd, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset)
+            .map_err(|e| err(format!("ADD_MEM_REG: {e}")))?;
+        let mem = self.mem.with_region(region).map_err(|e| err(format!("ADD_MEM_REG: {e}")))?;
+        self.set_memory(mem)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, r: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let mem =
+            self.mem.without_region(r.guest_phys_addr, r.memory_size).map_err(|e| err(format!("REM_MEM_REG: {e}")))?;
+        self.set_memory(mem)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(err("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(err("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        self.close = true;
+        Err(err("shared memory regions are not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        self.close = true;
+        Err(err("dirty logging was not offered"))
+    }
+}
