@@ -15,6 +15,7 @@ if [ ! -x .venv/bin/spdk-rpc ]; then
 fi
 export SPDK_RPC="$PWD/.venv/bin/spdk-rpc"
 export VSTOR_REQUIRE_SPDK_RPC=1
+export VSTOR_REQUIRE_GUEST=1
 export VSTOR_TEST_DIR="${VSTOR_TEST_DIR:-/var/tmp}"
 
 echo "== cargo fmt --check"

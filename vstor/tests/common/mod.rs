@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod guest;
+
 use serde_json::{json, Value};
 
 pub fn vstor_bin() -> &'static str {
