@@ -48,7 +48,7 @@ fn bdevs_are_created_listed_measured_and_deleted_over_vstor_rpc() {
     assert_eq!(d.rpc_ok("bdev_get_bdevs", json!({"name": uuid}))[0]["name"], "Malloc0");
 
     let st = d.rpc_ok("bdev_get_iostat", json!({"names": ["Malloc0", "Null0"]}));
-    assert_eq!(st["tick_rate"], 1_000_000_000u64);
+    assert!(st["tick_rate"].as_u64().unwrap() >= 1_000_000, "ticks per second: {st}");
     assert_eq!(st["bdevs"].as_array().unwrap().len(), 2);
     assert_eq!(st["bdevs"][0]["num_read_ops"], 0);
 

@@ -5,9 +5,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
-use vstor_reactor::{PollStatus, Poller, Reactor};
+use vstor_reactor::{clock, PollStatus, Poller, Reactor};
 
 use crate::bdev::Bdev;
 use crate::io::{IoCallback, IoError, IoOp, IoResult, IoType};
@@ -19,6 +18,12 @@ pub trait ChannelBackend {
     /// Starts `op`. The backend must eventually finish `token`: with [`IoToken::defer`] from
     /// inside `submit`, or with [`IoToken::complete`] from its own poller.
     fn submit(&mut self, op: IoOp, token: IoToken);
+
+    /// Does `op` at once, if this backend completes synchronously (RAM, null); `None` sends it
+    /// through [`submit`](Self::submit) instead.
+    fn try_now(&mut self, _op: &IoOp) -> Option<IoResult> {
+        None
+    }
 }
 
 /// Channel state shared with in-flight tokens.
@@ -33,7 +38,8 @@ pub(crate) struct ChannelShared {
 #[must_use = "an I/O token must be completed"]
 pub struct IoToken {
     cb: IoCallback,
-    start: Instant,
+    /// Submission time in clock ticks.
+    start: u64,
     kind: IoType,
     bytes: u64,
     shared: Rc<ChannelShared>,
@@ -49,8 +55,9 @@ impl IoToken {
     /// Finishes the I/O now. Call only from a poller (never from inside `submit`), so the
     /// submitter is not re-entered.
     pub fn complete(self, result: IoResult) {
-        let lat = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let lat = clock::ticks().wrapping_sub(self.start);
         let sh = self.shared;
+        sh.stats.record_done();
         sh.stats.record(self.kind, self.bytes, lat, &result);
         if self.kind != IoType::Reset {
             let n = sh.inflight.get().saturating_sub(1);
@@ -150,6 +157,18 @@ impl BdevChannel {
     /// Submits `op`; `cb` is called exactly once when it completes, on this reactor, never from
     /// inside this call. Invalid requests complete with an error.
     pub fn submit(&mut self, op: IoOp, cb: IoCallback) {
+        let _ = self.dispatch(op, cb, false);
+    }
+
+    /// Like [`submit`](Self::submit), but an I/O that completes at once (validation errors, RAM
+    /// and null backends, a reset with nothing in flight) is returned here as `Some(result)` and
+    /// `cb` is not called; `None` means `cb` will be called later. Saves a trip through the
+    /// deferred-completion queue on the fast path.
+    pub fn try_submit(&mut self, op: IoOp, cb: IoCallback) -> Option<IoResult> {
+        self.dispatch(op, cb, true)
+    }
+
+    fn dispatch(&mut self, op: IoOp, cb: IoCallback, sync_ok: bool) -> Option<IoResult> {
         let kind = op.io_type();
         let bs = u64::from(self.bdev.block_size());
         let bytes = match &op {
@@ -161,24 +180,42 @@ impl BdevChannel {
             }
             IoOp::Flush | IoOp::Reset => 0,
         };
-        let token = IoToken { cb, start: Instant::now(), kind, bytes, shared: self.shared.clone() };
-        self.shared.stats.record_submit();
+        let start = clock::ticks();
         if let Err(e) = self.validate(&op) {
             tracing::debug!(bdev = self.bdev.name(), ?kind, "rejected I/O: {e}");
+            if sync_ok {
+                self.shared.stats.record(kind, bytes, 0, &Err(e));
+                return Some(Err(e));
+            }
+            self.shared.stats.record_submit();
             self.shared.inflight.set(self.shared.inflight.get() + 1);
-            token.defer(Err(e));
-            return;
+            IoToken { cb, start, kind, bytes, shared: self.shared.clone() }.defer(Err(e));
+            return None;
         }
         if kind == IoType::Reset {
+            if sync_ok && self.shared.inflight.get() == 0 {
+                self.shared.stats.record(kind, 0, 0, &Ok(()));
+                return Some(Ok(()));
+            }
+            self.shared.stats.record_submit();
+            let token = IoToken { cb, start, kind, bytes, shared: self.shared.clone() };
             if self.shared.inflight.get() == 0 {
                 token.defer(Ok(()));
             } else {
                 self.shared.parked_resets.borrow_mut().push(token);
             }
-            return;
+            return None;
         }
+        if sync_ok {
+            if let Some(r) = self.backend.try_now(&op) {
+                self.shared.stats.record(kind, bytes, clock::ticks().wrapping_sub(start), &r);
+                return Some(r);
+            }
+        }
+        self.shared.stats.record_submit();
         self.shared.inflight.set(self.shared.inflight.get() + 1);
-        self.backend.submit(op, token);
+        self.backend.submit(op, IoToken { cb, start, kind, bytes, shared: self.shared.clone() });
+        None
     }
 
     fn validate(&self, op: &IoOp) -> IoResult {

@@ -69,8 +69,13 @@ impl MallocChannel {
 
 impl ChannelBackend for MallocChannel {
     fn submit(&mut self, op: IoOp, token: IoToken) {
-        let res = match op {
-            IoOp::Read { offset_blocks, num_blocks, iovs } => match self.at(offset_blocks, num_blocks) {
+        let r = self.try_now(&op).unwrap_or(Ok(()));
+        token.defer(r);
+    }
+
+    fn try_now(&mut self, op: &IoOp) -> Option<crate::IoResult> {
+        Some(match op {
+            IoOp::Read { offset_blocks, num_blocks, iovs } => match self.at(*offset_blocks, *num_blocks) {
                 Some((p, len)) => {
                     // SAFETY: `p..p+len` is inside the mapping, which lives while `self.mem` does.
                     // Concurrent writers to the same blocks race as on a real disk; no Rust
@@ -81,7 +86,7 @@ impl ChannelBackend for MallocChannel {
                 }
                 None => Err(crate::IoError::OutOfRange),
             },
-            IoOp::Write { offset_blocks, num_blocks, iovs, .. } => match self.at(offset_blocks, num_blocks) {
+            IoOp::Write { offset_blocks, num_blocks, iovs, .. } => match self.at(*offset_blocks, *num_blocks) {
                 Some((p, len)) => {
                     // SAFETY: as for reads.
                     let dst = unsafe { std::slice::from_raw_parts_mut(p, len) };
@@ -90,11 +95,10 @@ impl ChannelBackend for MallocChannel {
                 }
                 None => Err(crate::IoError::OutOfRange),
             },
-            IoOp::WriteZeroes { offset_blocks, num_blocks } => self.zero(offset_blocks, num_blocks),
+            IoOp::WriteZeroes { offset_blocks, num_blocks } => self.zero(*offset_blocks, *num_blocks),
             IoOp::Unmap { ranges } => ranges.iter().try_for_each(|r| self.zero(r.offset_blocks, r.num_blocks)),
             IoOp::Flush | IoOp::Reset => Ok(()),
-        };
-        token.defer(res);
+        })
     }
 }
 

@@ -42,10 +42,15 @@ struct NullChannel;
 
 impl ChannelBackend for NullChannel {
     fn submit(&mut self, op: IoOp, token: IoToken) {
-        if let IoOp::Read { iovs, .. } = &op {
+        let r = self.try_now(&op).unwrap_or(Ok(()));
+        token.defer(r);
+    }
+
+    fn try_now(&mut self, op: &IoOp) -> Option<crate::IoResult> {
+        if let IoOp::Read { iovs, .. } = op {
             iovs.zero();
         }
-        token.defer(Ok(()));
+        Some(Ok(()))
     }
 }
 

@@ -44,17 +44,17 @@ macro_rules! stats_struct {
 stats_struct!(
     num_read_ops,
     bytes_read,
-    read_latency_ns,
-    max_read_latency_ns,
-    min_read_latency_ns,
+    read_latency_ticks,
+    max_read_latency_ticks,
+    min_read_latency_ticks,
     num_write_ops,
     bytes_written,
-    write_latency_ns,
-    max_write_latency_ns,
-    min_write_latency_ns,
+    write_latency_ticks,
+    max_write_latency_ticks,
+    min_write_latency_ticks,
     num_unmap_ops,
     bytes_unmapped,
-    unmap_latency_ns,
+    unmap_latency_ticks,
     num_flush_ops,
     num_write_zeroes_ops,
     bytes_write_zeroed,
@@ -89,8 +89,12 @@ impl ChannelStats {
         bump(&self.queue_depth, 1);
     }
 
-    pub(crate) fn record(&self, kind: IoType, bytes: u64, latency_ns: u64, result: &IoResult) {
+    pub(crate) fn record_done(&self) {
         self.queue_depth.store(self.queue_depth.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
+    /// Counts one finished I/O; `latency` is in clock ticks.
+    pub(crate) fn record(&self, kind: IoType, bytes: u64, latency: u64, result: &IoResult) {
         if result.is_err() {
             bump(&self.io_errors, 1);
             return;
@@ -99,21 +103,21 @@ impl ChannelStats {
             IoType::Read => {
                 bump(&self.num_read_ops, 1);
                 bump(&self.bytes_read, bytes);
-                bump(&self.read_latency_ns, latency_ns);
-                max(&self.max_read_latency_ns, latency_ns);
-                min(&self.min_read_latency_ns, latency_ns);
+                bump(&self.read_latency_ticks, latency);
+                max(&self.max_read_latency_ticks, latency);
+                min(&self.min_read_latency_ticks, latency);
             }
             IoType::Write => {
                 bump(&self.num_write_ops, 1);
                 bump(&self.bytes_written, bytes);
-                bump(&self.write_latency_ns, latency_ns);
-                max(&self.max_write_latency_ns, latency_ns);
-                min(&self.min_write_latency_ns, latency_ns);
+                bump(&self.write_latency_ticks, latency);
+                max(&self.max_write_latency_ticks, latency);
+                min(&self.min_write_latency_ticks, latency);
             }
             IoType::Unmap => {
                 bump(&self.num_unmap_ops, 1);
                 bump(&self.bytes_unmapped, bytes);
-                bump(&self.unmap_latency_ns, latency_ns);
+                bump(&self.unmap_latency_ticks, latency);
             }
             IoType::Flush => bump(&self.num_flush_ops, 1),
             IoType::WriteZeroes => {
@@ -134,11 +138,11 @@ impl StatsSnapshot {
     /// Combines two snapshots, keeping maxima as maxima.
     pub fn merge(&mut self, o: &StatsSnapshot) {
         let (mr, mw) = (
-            self.max_read_latency_ns.max(o.max_read_latency_ns),
-            self.max_write_latency_ns.max(o.max_write_latency_ns),
+            self.max_read_latency_ticks.max(o.max_read_latency_ticks),
+            self.max_write_latency_ticks.max(o.max_write_latency_ticks),
         );
         *self += *o;
-        self.max_read_latency_ns = mr;
-        self.max_write_latency_ns = mw;
+        self.max_read_latency_ticks = mr;
+        self.max_write_latency_ticks = mw;
     }
 }

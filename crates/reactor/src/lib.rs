@@ -13,6 +13,7 @@
 //! Arming follows the usual race-free order: a poller enables its notifications, then re-checks
 //! for work ([`Poller::arm`] returns `true` if some arrived), and only then does the reactor sleep.
 
+pub mod clock;
 pub mod cpumask;
 mod sys;
 
@@ -140,10 +141,10 @@ pub enum ReactorError {
 /// Counters a reactor publishes for `framework_get_reactors`. Written only by the reactor.
 #[derive(Debug, Default)]
 pub struct ReactorStats {
-    /// Nanoseconds spent in passes that found work.
-    pub busy_ns: AtomicU64,
-    /// Nanoseconds spent in idle passes and asleep.
-    pub idle_ns: AtomicU64,
+    /// Clock ticks ([`clock::ticks`]) spent in passes that found work.
+    pub busy_ticks: AtomicU64,
+    /// Clock ticks spent in idle passes and asleep.
+    pub idle_ticks: AtomicU64,
     /// Times the reactor went to sleep in `epoll_wait`.
     pub sleeps: AtomicU64,
     /// Kernel thread id.
@@ -283,6 +284,7 @@ pub struct Reactor {
     stop: bool,
     in_pass: Cell<bool>,
     locals: HashMap<TypeId, Box<dyn Any>>,
+    timers: usize,
 }
 
 impl Reactor {
@@ -314,6 +316,7 @@ impl Reactor {
             stop: false,
             in_pass: Cell::new(false),
             locals: HashMap::new(),
+            timers: 0,
         };
         Ok((r, handle))
     }
@@ -359,6 +362,7 @@ impl Reactor {
     /// Registers a poller that runs once per `period` (a timer).
     pub fn add_timer(&mut self, poller: Box<dyn Poller>, period: Duration) -> PollerId {
         let next_run = Instant::now() + period;
+        self.timers += 1;
         self.insert(Entry { poller, period: Some(period), next_run })
     }
 
@@ -382,6 +386,9 @@ impl Reactor {
             return None;
         }
         let e = s.entry.take()?;
+        if e.period.is_some() {
+            self.timers -= 1;
+        }
         s.generation = s.generation.wrapping_add(1);
         self.free.push(id.slot);
         self.shared.stats.pollers.fetch_sub(1, Ordering::Relaxed);
@@ -443,13 +450,14 @@ impl Reactor {
         if self.stop {
             return busy;
         }
-        let now = Instant::now();
+        // Reading the clock costs; only timers need it.
+        let now = if self.timers > 0 { Some(Instant::now()) } else { None };
         self.in_pass.set(true);
         for s in self.slots.iter_mut() {
             let Some(e) = s.entry.as_mut() else { continue };
-            match e.period {
-                None => busy |= e.poller.poll() == PollStatus::Busy,
-                Some(period) => {
+            match (e.period, now) {
+                (None, _) | (Some(_), None) => busy |= e.poller.poll() == PollStatus::Busy,
+                (Some(period), Some(now)) => {
                     if now >= e.next_run {
                         busy |= e.poller.poll() == PollStatus::Busy;
                         e.next_run = now + period;
@@ -512,32 +520,34 @@ impl Reactor {
 
     /// The reactor loop. Returns when [`stop`](Self::stop) is called.
     pub fn run(&mut self) {
-        let mut last_busy = Instant::now();
-        let mut t_prev = Instant::now();
+        let idle_threshold = clock::duration_to_ticks(self.cfg.idle_threshold);
+        let stats = self.shared.clone();
+        let add = |a: &AtomicU64, v: u64| a.store(a.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+        let mut last_busy = clock::ticks();
+        let mut t_prev = last_busy;
         while !self.stop {
             let busy = self.run_once();
-            let now = Instant::now();
-            let spent = u64::try_from((now - t_prev).as_nanos()).unwrap_or(u64::MAX);
+            let now = clock::ticks();
+            let spent = now.wrapping_sub(t_prev);
             t_prev = now;
             if busy {
-                self.shared.stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
+                add(&stats.stats.busy_ticks, spent);
                 last_busy = now;
                 continue;
             }
-            self.shared.stats.idle_ns.fetch_add(spent, Ordering::Relaxed);
+            add(&stats.stats.idle_ticks, spent);
             if self.stop {
                 break;
             }
             let sleep_now = match self.cfg.mode {
                 Mode::Poll => false,
                 Mode::Interrupt => true,
-                Mode::Adaptive => now.duration_since(last_busy) >= self.cfg.idle_threshold,
+                Mode::Adaptive => now.wrapping_sub(last_busy) >= idle_threshold,
             };
             if sleep_now {
                 self.sleep();
-                let woke = Instant::now();
-                let slept = u64::try_from((woke - t_prev).as_nanos()).unwrap_or(u64::MAX);
-                self.shared.stats.idle_ns.fetch_add(slept, Ordering::Relaxed);
+                let woke = clock::ticks();
+                add(&stats.stats.idle_ticks, woke.wrapping_sub(t_prev));
                 t_prev = woke;
                 last_busy = woke;
             }
@@ -572,6 +582,7 @@ pub fn allowed_cores() -> Vec<usize> {
 impl Reactors {
     /// Starts one reactor thread per core in `mask`, pinned when `cfg.pin`.
     pub fn start(mask: &CpuMask, cfg: ReactorConfig) -> Result<Self, ReactorError> {
+        clock::init();
         let allowed = sys::allowed_cores();
         if cfg.pin {
             if let Some(&core) = mask.cores().iter().find(|c| !allowed.contains(c)) {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use vstor_bdev::{Bdev, BdevChannel, BlockRange, IoCallback, IoError, IoOp, IoResult, IoType, IoVecs, SmallVec};
-use vstor_mem::GuestMemory;
 use vstor_reactor::Reactor;
 use vstor_virtio::DescChain;
 
@@ -103,15 +102,14 @@ impl BlkDevice {
     }
 }
 
-/// One request in flight.
+/// One request in flight. (The queue keeps the guest memory it points into mapped until no
+/// request is in flight; see `QueueCore::set_memory`.)
 struct Req {
     ndesc: u16,
     /// Where the status byte goes.
     status: IoVecs,
     /// Bytes written to the driver on success (data + status).
     written: u32,
-    /// Keeps the guest memory the buffers point into mapped.
-    _mem: Arc<GuestMemory>,
 }
 
 /// Per-queue virtio-blk handler.
@@ -137,7 +135,7 @@ impl BlkHandler {
     }
 
     fn finish(core: &mut QueueCore, head: u16, ndesc: u16, status_iov: &IoVecs, status: u32, written: u32) {
-        let byte = u8::try_from(status).unwrap_or(VIRTIO_BLK_S_IOERR as u8);
+        let byte = u8::try_from(status).unwrap_or(1); // VIRTIO_BLK_S_IOERR
         status_iov.copy_from(&[byte]);
         core.complete(head, ndesc, written);
     }
@@ -160,7 +158,7 @@ impl BlkHandler {
     fn blocks(&self, sector: u64, bytes: u64) -> Option<(u64, u64)> {
         let bs = u64::from(self.dev.bdev.block_size());
         let off = sector.checked_mul(SECTOR)?;
-        if off % bs != 0 || bytes % bs != 0 {
+        if !off.is_multiple_of(bs) || !bytes.is_multiple_of(bs) {
             return None;
         }
         Some((off / bs, bytes / bs))
@@ -169,7 +167,7 @@ impl BlkHandler {
     /// Parses discard / write-zeroes segments (virtio 5.2.6: 16 bytes each).
     fn segments(&self, chain: &DescChain, write_zeroes: bool) -> Result<SmallVec<[BlockRange; 1]>, u32> {
         let payload = chain.readable.total_len().saturating_sub(16);
-        if payload == 0 || payload % 16 != 0 {
+        if payload == 0 || !payload.is_multiple_of(16) {
             return Err(VIRTIO_BLK_S_IOERR);
         }
         let n = payload / 16;
@@ -272,8 +270,11 @@ impl QueueHandler for BlkHandler {
         if let IoOp::Read { num_blocks: 0, .. } | IoOp::Write { num_blocks: 0, .. } = op {
             return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_OK, written);
         }
-        self.reqs[usize::from(head)] = Some(Req { ndesc, status, written, _mem: core.memory().clone() });
-        self.ch.submit(op, IoCallback { sink: me.clone(), tag: u64::from(head) });
+        self.reqs[usize::from(head)] = Some(Req { ndesc, status, written });
+        if let Some(result) = self.ch.try_submit(op, IoCallback { sink: me.clone(), tag: u64::from(head) }) {
+            // Completed at once (RAM or null bdev, or refused): answer without a callback.
+            self.io_done(core, u64::from(head), result);
+        }
     }
 
     fn io_done(&mut self, core: &mut QueueCore, tag: u64, result: IoResult) {

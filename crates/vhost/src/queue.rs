@@ -13,11 +13,11 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vstor_bdev::{IoResult, IoSink};
 use vstor_mem::GuestMemory;
-use vstor_reactor::{EpollHandle, PollStatus, Poller};
+use vstor_reactor::{clock, EpollHandle, PollStatus, Poller};
 use vstor_virtio::{DescChain, PopError, QueueParams, Virtqueue};
 
 /// Chains taken per poll, so one busy queue cannot starve the others on its reactor.
@@ -70,10 +70,13 @@ pub struct QueueCore {
     stopping: bool,
     drained: Option<Sender<()>>,
     coalescing: Arc<Coalescing>,
-    window_start: Instant,
+    /// Coalescing window start and the next allowed interrupt, in clock ticks.
+    window_start: u64,
     window_done: u64,
-    irq_delay: Duration,
-    next_call: Instant,
+    irq_delay: u64,
+    next_call: u64,
+    /// Memory snapshots replaced while requests were in flight: kept mapped until none is.
+    retired_mem: Vec<Arc<GuestMemory>>,
     /// Requests completed on this queue.
     pub completed: u64,
 }
@@ -86,9 +89,14 @@ impl QueueCore {
         self.completed += 1;
         self.window_done += 1;
         self.need_call = true;
-        if self.inflight == 0 && self.stopping {
-            if let Some(tx) = self.drained.take() {
-                let _ = tx.send(());
+        if self.inflight == 0 {
+            if !self.retired_mem.is_empty() {
+                self.retired_mem.clear();
+            }
+            if self.stopping {
+                if let Some(tx) = self.drained.take() {
+                    let _ = tx.send(());
+                }
             }
         }
     }
@@ -119,20 +127,22 @@ impl QueueCore {
         self.broken
     }
 
-    fn update_coalescing(&mut self, now: Instant) {
-        let elapsed = now.duration_since(self.window_start);
-        if elapsed < Duration::from_millis(10) {
+    fn update_coalescing(&mut self, now: u64) {
+        let elapsed = now.wrapping_sub(self.window_start);
+        let window = clock::duration_to_ticks(Duration::from_millis(10));
+        if elapsed < window {
             return;
         }
         let base = u64::from(self.coalescing.delay_base_us.load(Ordering::Relaxed));
         let threshold = u64::from(self.coalescing.iops_threshold.load(Ordering::Relaxed));
-        let iops = self.window_done.saturating_mul(1_000_000) / u64::try_from(elapsed.as_micros()).unwrap_or(1).max(1);
+        let elapsed_us = (clock::ticks_to_ns(elapsed) / 1000).max(1);
+        let iops = self.window_done.saturating_mul(1_000_000) / elapsed_us;
         self.irq_delay = if base > 0 && threshold > 0 && iops > threshold {
             // SPDK's rule: the delay grows with how far the rate is above the threshold.
             let us = base.saturating_mul(iops - threshold) / threshold;
-            Duration::from_micros(us.min(base.saturating_mul(10)))
+            clock::duration_to_ticks(Duration::from_micros(us.min(base.saturating_mul(10))))
         } else {
-            Duration::ZERO
+            0
         };
         self.window_start = now;
         self.window_done = 0;
@@ -144,9 +154,9 @@ impl QueueCore {
         if !self.need_call {
             return false;
         }
-        let now = Instant::now();
+        let now = clock::ticks();
         self.update_coalescing(now);
-        if !self.irq_delay.is_zero() && now < self.next_call {
+        if self.irq_delay != 0 && now < self.next_call {
             return true;
         }
         self.need_call = false;
@@ -226,7 +236,7 @@ impl VirtqPoller {
                 tracing::warn!(ctrlr = %s.name, queue = s.index, "cannot watch kick fd: {e}");
             }
         }
-        let now = Instant::now();
+        let now = clock::ticks();
         let core = QueueCore {
             vq,
             index: s.index,
@@ -243,8 +253,9 @@ impl VirtqPoller {
             coalescing: s.coalescing,
             window_start: now,
             window_done: 0,
-            irq_delay: Duration::ZERO,
+            irq_delay: 0,
             next_call: now,
+            retired_mem: Vec::new(),
             completed: 0,
         };
         let cell = Rc::new(QueueCell(RefCell::new(QueueState { core, handler })));
@@ -255,6 +266,10 @@ impl VirtqPoller {
     pub fn set_memory(&mut self, mem: Arc<GuestMemory>) {
         let mut st = self.cell.0.borrow_mut();
         let core = &mut st.core;
+        if core.inflight > 0 {
+            // Requests in flight point into the old snapshot: keep it mapped until they finish.
+            core.retired_mem.push(core.vq.memory().clone());
+        }
         if let Err(e) = core.vq.set_memory(mem) {
             core.mark_broken(&e);
         }

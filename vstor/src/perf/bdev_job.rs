@@ -90,7 +90,7 @@ struct Job {
 impl Job {
     fn submit(&self, st: &mut JobState, slot: usize) {
         let Some(me) = self.me.borrow().upgrade() else { return };
-        let (mut write, mut unit) = st.gen.next();
+        let (mut write, mut unit) = st.gen.next_op();
         let s = &mut st.slots[slot];
         if st.pattern == Pattern::Verify {
             if s.verifying {

@@ -1,6 +1,8 @@
 //! `vstor perf`: a load generator with one report format for every path it can drive.
 //!
 //! - a bdev inside this process (`--bdev null|malloc[:MiB]|uring:PATH|aio:PATH`), like SPDK's bdevperf;
+//! - any vhost-user-blk target through libblkio (`--vhost-user SOCK`), with the target's CPU time
+//!   per I/O when `--target-pid` is given;
 //!
 //! It prints IOPS, MiB/s, mean/p50/p99/p99.9 latency and the CPU time the process spent per I/O.
 
@@ -9,6 +11,7 @@
 
 mod bdev_job;
 pub mod hist;
+pub mod vhost_job;
 pub mod workload;
 
 use std::time::Duration;
@@ -64,6 +67,18 @@ pub struct PerfArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// Drive a vhost-user-blk socket (vstor, qemu-storage-daemon, SPDK...) instead of an in-process bdev.
+    #[arg(long, value_name = "SOCK", conflicts_with = "bdev")]
+    pub vhost_user: Option<String>,
+
+    /// Queues to use with --vhost-user (each kept at --queue-depth).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u32,
+
+    /// PID of the target process, to report its CPU time per I/O (--vhost-user).
+    #[arg(long, value_name = "PID")]
+    pub target_pid: Option<u32>,
 }
 
 /// What one run measured.
@@ -159,7 +174,10 @@ pub fn run(a: PerfArgs) -> i32 {
         eprintln!("vstor perf: --io-size, --queue-depth and --time must be greater than zero");
         return 2;
     }
-    let result = bdev_job::run(&a);
+    let result = match &a.vhost_user {
+        Some(sock) => vhost_job::run(&a, sock),
+        None => bdev_job::run(&a),
+    };
     match result {
         Ok(rep) => {
             if a.json {

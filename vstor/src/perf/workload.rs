@@ -75,7 +75,7 @@ impl OpGen {
     }
 
     /// (is_write, unit index). For verify the caller handles the write-then-read pairing.
-    pub fn next(&mut self) -> (bool, u64) {
+    pub fn next_op(&mut self) -> (bool, u64) {
         let unit = match self.pattern {
             Pattern::Read | Pattern::Write => {
                 let u = self.seq % self.count;

@@ -88,8 +88,9 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits in pid_t");
         // SAFETY: kill with a valid pid and signal number has no memory effects.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        unsafe { libc::kill(pid, sig) };
     }
 
     /// CPU time (user + system) of the daemon in clock ticks.

@@ -330,13 +330,13 @@ fn stat_json(name: &str, s: &StatsSnapshot) -> Value {
         "num_unmap_ops": s.num_unmap_ops,
         "bytes_copied": 0,
         "num_copy_ops": 0,
-        "read_latency_ticks": s.read_latency_ns,
-        "max_read_latency_ticks": s.max_read_latency_ns,
-        "min_read_latency_ticks": s.min_read_latency_ns,
-        "write_latency_ticks": s.write_latency_ns,
-        "max_write_latency_ticks": s.max_write_latency_ns,
-        "min_write_latency_ticks": s.min_write_latency_ns,
-        "unmap_latency_ticks": s.unmap_latency_ns,
+        "read_latency_ticks": s.read_latency_ticks,
+        "max_read_latency_ticks": s.max_read_latency_ticks,
+        "min_read_latency_ticks": s.min_read_latency_ticks,
+        "write_latency_ticks": s.write_latency_ticks,
+        "max_write_latency_ticks": s.max_write_latency_ticks,
+        "min_write_latency_ticks": s.min_write_latency_ticks,
+        "unmap_latency_ticks": s.unmap_latency_ticks,
         "max_unmap_latency_ticks": 0,
         "min_unmap_latency_ticks": 0,
         "copy_latency_ticks": 0,
@@ -374,7 +374,7 @@ fn bdev_get_iostat(app: &Arc<App>, p: GetIostat) -> Result<Value, RpcError> {
             return Err(RpcError::bad_param("reset_mode", format!("'{other}' is not one of all, maxmin, none")))
         }
     };
-    let ticks = u64::try_from(app.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let ticks = vstor_reactor::clock::ticks();
     let list: Vec<Value> = bdevs
         .iter()
         .map(|b| {
@@ -398,7 +398,7 @@ fn bdev_get_iostat(app: &Arc<App>, p: GetIostat) -> Result<Value, RpcError> {
     if reset {
         bdevs.iter().for_each(|b| b.reset_stats());
     }
-    Ok(json!({ "tick_rate": 1_000_000_000u64, "ticks": ticks, "bdevs": list }))
+    Ok(json!({ "tick_rate": vstor_reactor::clock::ticks_per_sec(), "ticks": ticks, "bdevs": list }))
 }
 
 #[derive(Deserialize)]

@@ -80,8 +80,8 @@ fn framework_get_reactors(app: &Arc<App>, _: NoParams) -> Result<Value, RpcError
         .iter()
         .map(|h| {
             let s = h.stats();
-            let busy = s.busy_ns.load(Ordering::Relaxed);
-            let idle = s.idle_ns.load(Ordering::Relaxed);
+            let busy = s.busy_ticks.load(Ordering::Relaxed);
+            let idle = s.idle_ticks.load(Ordering::Relaxed);
             json!({
                 "lcore": h.core(),
                 "tid": s.tid.load(Ordering::Relaxed),
@@ -100,7 +100,7 @@ fn framework_get_reactors(app: &Arc<App>, _: NoParams) -> Result<Value, RpcError
             })
         })
         .collect();
-    Ok(json!({ "tick_rate": 1_000_000_000u64, "pid": std::process::id(), "reactors": reactors }))
+    Ok(json!({ "tick_rate": vstor_reactor::clock::ticks_per_sec(), "pid": std::process::id(), "reactors": reactors }))
 }
 
 #[derive(Deserialize)]
