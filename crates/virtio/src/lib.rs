@@ -17,6 +17,7 @@
 //! duplicate head) is reported as [`PopError::Fatal`] and should be marked broken.
 
 mod chain;
+pub mod driver;
 mod packed;
 mod ring;
 mod split;

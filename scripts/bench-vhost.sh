@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# vhost-user-blk benchmark for BENCHMARKS.md: vstor against qemu-storage-daemon (QEMU 7.2) with the
+# same backend, the same client (vstor perf --vhost-user, i.e. libblkio) and the same pinning:
+# target on core 1, client on core 0. Runs are interleaved target by target; each cell is the
+# median of ROUNDS runs. CPU time per I/O is the target's (all its threads, from schedstat).
+#
+# Usage: ROUNDS=3 SECS=5 ./scripts/bench-vhost.sh        (needs qemu-storage-daemon: scripts/deps.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}; SECS=${SECS:-5}; FILE=${FILE:-/var/tmp/vstor-bench.img}
+QDS=${QDS:-"1 32 128"}; WORKLOADS=${WORKLOADS:-"randread randwrite"}; BACKENDS=${BACKENDS:-"null file"}
+TARGETS=${TARGETS:-"vstor qsd"}
+cargo build --release -q -p vstor
+V=$PWD/target/release/vstor
+W=$(mktemp -d /var/tmp/vstor-bench.XXXXXX)
+[ -f "$FILE" ] || { dd if=/dev/urandom of="$FILE" bs=1M count=2048 status=none; sync; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+start_target() { # target backend -> prints "pid socket"
+  local t=$1 b=$2 sock="$W/$1-$2.sock"
+  case $t in
+    vstor|vstor-int)
+      local mode=adaptive; [ $t = vstor-int ] && mode=interrupt
+      $V serve --cpumask 0x2 --reactor-mode $mode --rpc-socket "$W/$t-$b.rpc" -S "$W" >/dev/null 2>"$W/$t-$b.log" &
+      local pid=$!
+      for _ in $(seq 100); do [ -S "$W/$t-$b.rpc" ] && break; sleep 0.05; done
+      if [ "$b" = null ]; then
+        $V rpc -s "$W/$t-$b.rpc" bdev_null_create --name D0 --num_blocks 2097152 --block_size 512 >/dev/null
+      else
+        $V rpc -s "$W/$t-$b.rpc" bdev_uring_create --name D0 --filename "$FILE" >/dev/null
+      fi
+      $V rpc -s "$W/$t-$b.rpc" vhost_create_blk_controller --ctrlr "$t-$b.sock" --dev_name D0 >/dev/null
+      echo "$pid $sock" ;;
+    qsd)
+      local bd
+      if [ "$b" = null ]; then bd="driver=null-co,node-name=n0,size=1073741824,read-zeroes=on"
+      else bd="driver=file,node-name=n0,filename=$FILE,aio=io_uring,cache.direct=on"; fi
+      taskset -c 1 qemu-storage-daemon --blockdev "$bd" \
+        --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
+        >/dev/null 2>"$W/qsd-$b.log" &
+      local pid=$!
+      for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+      echo "$pid $sock" ;;
+  esac
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+
+echo "| backend | workload | QD | target | IOPS | p50 us | p99 us | target CPU ns/IO |"
+echo "|---|---|---|---|---|---|---|---|"
+for b in $BACKENDS; do
+  declare -A PID SOCK
+  for t in $TARGETS; do read -r PID[$t] SOCK[$t] < <(start_target $t $b); pids+=("${PID[$t]}"); done
+  for w in $WORKLOADS; do
+    for qd in $QDS; do
+      declare -A I P5 P9 C
+      for t in $TARGETS; do I[$t]=""; P5[$t]=""; P9[$t]=""; C[$t]=""; done
+      for r in $(seq "$ROUNDS"); do
+        for t in $TARGETS; do
+          j=$(taskset -c 0 $V perf --vhost-user "${SOCK[$t]}" -w $w -o 4096 -q $qd -t "$SECS" --target-pid "${PID[$t]}" --json)
+          I[$t]+="$(echo "$j" | field iops) "; P5[$t]+="$(echo "$j" | field p50_us) "
+          P9[$t]+="$(echo "$j" | field p99_us) "; C[$t]+="$(echo "$j" | field cpu_ns_per_io) "
+        done
+      done
+      for t in $TARGETS; do
+        printf "| %s | %s 4K | %s | %s | %.0f | %.1f | %.1f | %.0f |\n" $b $w $qd $t \
+          "$(tr ' ' '\n' <<<"${I[$t]}" | grep . | median)" "$(tr ' ' '\n' <<<"${P5[$t]}" | grep . | median)" \
+          "$(tr ' ' '\n' <<<"${P9[$t]}" | grep . | median)" "$(tr ' ' '\n' <<<"${C[$t]}" | grep . | median)"
+      done
+    done
+  done
+  for t in $TARGETS; do kill "${PID[$t]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+done
