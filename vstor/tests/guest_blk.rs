@@ -80,3 +80,57 @@ fn guest_reboot_resets_the_device_and_the_data_survives() {
     r.assert_ok(2);
     assert!(r.console.contains("phase 2"), "{}", r.tail(40));
 }
+
+#[test]
+fn guest_io_survives_three_kill_9_restarts_of_vstor() {
+    if !guest::available() {
+        return;
+    }
+    let _g = guest::GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
+    let cfg = dir.path().join("vstor.json");
+    let config = json!({"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_uring_create", "params": {"name": "U0", "filename": img.to_str().unwrap()}},
+            // Slow storage: every write takes 5 ms, so requests are in flight when vstor is killed.
+            {"method": "bdev_delay_create", "params": {"name": "D0", "base_bdev_name": "U0",
+                "avg_read_latency": 1000, "p99_read_latency": 1000, "avg_write_latency": 5000, "p99_write_latency": 5000}}]},
+        {"subsystem": "vhost_blk", "config": [
+            {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vrs", "dev_name": "D0"}}]}
+    ]});
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let mut d = Daemon::start_in(dir, &["--cpumask", "0x3", "--config", cfg.to_str().unwrap()]);
+    let sock = d.dir.path().join("vrs");
+    let mut o = GuestOpts::new("blk_restart");
+    o.devices = vec![
+        "-chardev".into(),
+        format!("socket,id=c0,path={},reconnect=1", sock.display()),
+        "-device".into(),
+        "vhost-user-blk-pci,chardev=c0,num-queues=2".into(),
+    ];
+    let mut g = guest::spawn(&o, d.dir.path());
+    for round in 1..=3 {
+        assert!(g.wait_for(&format!("round {round}"), std::time::Duration::from_secs(300)), "{}", g.console());
+        // Kill while fio's requests are in flight in vstor (the delay bdev holds each write 5 ms).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let st = d.rpc_ok("bdev_get_iostat", json!({"names": ["D0"]}));
+            if st["bdevs"][0]["queue_depth"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no I/O in flight during round {round}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        d.kill_and_restart(None);
+    }
+    let r = g.finish();
+    r.assert_ok(1);
+    assert!(r.console.contains("all rounds verified"));
+    assert!(!r.console.contains("I/O error") && !r.console.contains("error="), "{}", r.tail(60));
+    let log = d.log();
+    assert!(log.matches("frontend connected").count() >= 4, "QEMU reconnected after each restart:\n{log}");
+    // Each kill caught requests in flight, and the next vstor resubmitted them.
+    assert!(log.matches("resubmitting requests left in flight").count() >= 3, "{log}");
+}

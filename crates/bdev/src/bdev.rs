@@ -14,7 +14,7 @@ use crate::BdevError;
 
 /// What a backend module implements (SPDK's `spdk_bdev_fn_table`, reduced). Shared by all
 /// reactors; per-reactor state lives in the channels it creates.
-pub trait BdevBackend: Send + Sync + 'static {
+pub trait BdevBackend: std::any::Any + Send + Sync {
     /// `product_name` in `bdev_get_bdevs` (SPDK: "Malloc disk", "Null disk", "URING bdev", "AIO disk").
     fn product_name(&self) -> &'static str;
 

@@ -11,6 +11,7 @@
 
 mod bdev;
 mod channel;
+pub mod delay;
 mod io;
 pub mod malloc;
 pub mod mem;

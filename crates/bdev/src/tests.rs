@@ -453,3 +453,31 @@ fn iovec_sub_ranges_cover_exactly_the_bytes_asked_for() {
     assert_eq!(v.copy_from_at(10, &[0xEE; 3]), 3);
     assert_eq!(&buf.as_slice()[9..14], &[9, 0xEE, 0xEE, 0xEE, 13]);
 }
+
+#[test]
+fn delay_bdevs_hold_io_for_their_latency_then_pass_it_on() {
+    let mut h = Harness::new();
+    let base = malloc::create(params("dbase", 512, 64), false).unwrap();
+    let lat = delay::Latencies { avg_read: 5_000, p99_read: 5_000, avg_write: 20_000, p99_write: 20_000 };
+    let d = delay::create("slow", None, base.clone(), lat).unwrap();
+    assert!(base.is_claimed(), "the base is claimed by the delay bdev");
+    let mut ch = h.channel(&d);
+    let t0 = Instant::now();
+    write(&mut h, &mut ch, 4, &pattern(3, 1024), 1024);
+    let w = t0.elapsed();
+    let t1 = Instant::now();
+    assert_eq!(read(&mut h, &mut ch, 4, 2, 512), pattern(3, 1024));
+    let r = t1.elapsed();
+    assert!(w >= Duration::from_millis(20) && r >= Duration::from_millis(5), "write {w:?}, read {r:?}");
+    assert!(r < w, "reads use the read latency");
+    delay::update(&d, delay::LatencyType::AvgRead, 0).unwrap();
+    let t2 = Instant::now();
+    read(&mut h, &mut ch, 4, 2, 512);
+    assert!(t2.elapsed() < Duration::from_millis(5));
+    // The data went to the base.
+    let mut bch = h.channel(&base);
+    assert_eq!(read(&mut h, &mut bch, 4, 2, 512), pattern(3, 1024));
+    drop(ch);
+    d.on_delete();
+    assert!(!base.is_claimed(), "deleting the delay bdev releases its base");
+}

@@ -6,6 +6,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -77,6 +78,10 @@ pub struct QueueCore {
     next_call: u64,
     /// Memory snapshots replaced while requests were in flight: kept mapped until none is.
     retired_mem: Vec<Arc<GuestMemory>>,
+    /// Heads a previous device instance left in flight, to process before new requests.
+    resubmit: VecDeque<u16>,
+    /// Keeps the in-flight region mapped while the ring records into it.
+    _inflight: Option<Arc<InflightMap>>,
     /// Requests completed on this queue.
     pub completed: u64,
 }
@@ -201,6 +206,16 @@ impl IoSink for QueueCell {
     }
 }
 
+/// The shared in-flight region a frontend handed over (GET/SET_INFLIGHT_FD): one mapping for
+/// all queues of a connection, kept alive by every queue that records into it.
+pub struct InflightMap {
+    pub region: vstor_mem::Region,
+    /// Bytes per queue.
+    pub per_queue: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
 /// What the control thread gives the reactor to start a queue.
 pub struct QueueStart {
     pub params: QueueParams,
@@ -211,6 +226,10 @@ pub struct QueueStart {
     pub call: Option<File>,
     pub err: Option<File>,
     pub coalescing: Arc<Coalescing>,
+    /// In-flight tracking for this queue, if the frontend set up the region.
+    pub inflight: Option<Arc<InflightMap>>,
+    /// Negotiated features (recorded in the in-flight region).
+    pub features: u64,
 }
 
 /// The poller registered on the queue's reactor.
@@ -226,7 +245,37 @@ impl VirtqPoller {
         handler: Box<dyn QueueHandler>,
         epoll: EpollHandle,
     ) -> Result<Self, vstor_virtio::QueueError> {
-        let vq = Virtqueue::new(&s.params, s.mem)?;
+        let mut vq = Virtqueue::new(&s.params, s.mem)?;
+        let mut resubmit = VecDeque::new();
+        let mut inflight_map = None;
+        if let Some(map) = s.inflight {
+            let i = usize::from(s.index);
+            if s.params.packed {
+                tracing::warn!(ctrlr = %s.name, queue = i, "in-flight tracking is not implemented for packed rings");
+            } else if i >= usize::from(map.num_queues) || map.queue_size != s.params.size {
+                tracing::warn!(ctrlr = %s.name, queue = i, "in-flight region does not cover this queue; not tracking");
+            } else {
+                let off = usize::try_from(map.per_queue).unwrap_or(0) * i;
+                // SAFETY: `off + per_queue <= region.size` (checked when the region was mapped:
+                // per_queue * num_queues bytes, and i < num_queues); the region is page-aligned
+                // so `off` (a multiple of 64) keeps 8-byte alignment; `inflight_map` below keeps
+                // the mapping alive as long as the queue.
+                let log =
+                    unsafe { vstor_virtio::inflight::InflightSplit::new(map.region.host().add(off), s.params.size) };
+                match vq.attach_inflight(log, s.features) {
+                    Ok(heads) => {
+                        tracing::debug!(ctrlr = %s.name, queue = i, n = heads.len(), base = vq.base(), "in-flight region attached");
+                        if !heads.is_empty() {
+                            tracing::info!(ctrlr = %s.name, queue = i, n = heads.len(),
+                                "resubmitting requests left in flight by the previous backend");
+                        }
+                        resubmit = heads.into();
+                        inflight_map = Some(map);
+                    }
+                    Err(e) => tracing::warn!(ctrlr = %s.name, queue = i, "in-flight region ignored: {e}"),
+                }
+            }
+        }
         for f in [&s.kick, &s.call, &s.err].into_iter().flatten() {
             set_nonblocking(f);
         }
@@ -256,6 +305,8 @@ impl VirtqPoller {
             irq_delay: 0,
             next_call: now,
             retired_mem: Vec::new(),
+            resubmit,
+            _inflight: inflight_map,
             completed: 0,
         };
         let cell = Rc::new(QueueCell(RefCell::new(QueueState { core, handler })));
@@ -358,6 +409,24 @@ impl Poller for VirtqPoller {
             return PollStatus::Idle;
         }
         let mut taken = 0;
+        while let Some(head) = core.resubmit.pop_front() {
+            match core.vq.resubmit(head) {
+                Ok(chain) => {
+                    core.inflight += 1;
+                    handler.handle(core, chain, cell);
+                }
+                Err(PopError::Chain { head, ndesc, kind }) => {
+                    tracing::debug!(ctrlr = %core.name, queue = core.index, head, "bad resubmitted chain: {kind}");
+                    core.inflight += 1;
+                    handler.bad_chain(core, head, ndesc);
+                }
+                Err(PopError::Fatal(f)) => {
+                    core.mark_broken(&f);
+                    return PollStatus::Idle;
+                }
+            }
+            taken += 1;
+        }
         if !core.stopping {
             while taken < POLL_BUDGET {
                 match core.vq.pop() {

@@ -17,7 +17,7 @@ use vstor_mem::{GuestMemory, Region};
 use vstor_reactor::{PollerId, ReactorHandle};
 use vstor_virtio::{features as vf, QueueParams, RingAddrs, MAX_QUEUE_SIZE};
 
-use crate::queue::{QueueStart, VirtqPoller};
+use crate::queue::{InflightMap, QueueStart, VirtqPoller};
 use crate::CtrlShared;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30, vhost-user only).
@@ -58,6 +58,7 @@ pub(crate) struct Session {
     protocol: u64,
     mem: Arc<GuestMemory>,
     vrings: Vec<Vring>,
+    inflight: Option<Arc<InflightMap>>,
     /// Set when a reply could not be produced: the connection is then closed, since the frontend
     /// would otherwise wait for an answer forever.
     pub close: bool,
@@ -68,7 +69,15 @@ impl Session {
         let n = usize::from(ctrl.backend.max_queues());
         let mut vrings = Vec::new();
         vrings.resize_with(n, Vring::default);
-        Self { ctrl, features: 0, protocol: 0, mem: Arc::new(GuestMemory::empty()), vrings, close: false }
+        Self {
+            ctrl,
+            features: 0,
+            protocol: 0,
+            mem: Arc::new(GuestMemory::empty()),
+            vrings,
+            inflight: None,
+            close: false,
+        }
     }
 
     /// Every feature bit offered.
@@ -135,6 +144,8 @@ impl Session {
             call: dup(&v.call),
             err: dup(&v.err),
             coalescing: self.ctrl.coalescing.clone(),
+            inflight: self.inflight.clone(),
+            features: self.features,
         };
         let reactor = self.reactor_for(i);
         let backend = self.ctrl.backend.clone();
@@ -209,10 +220,20 @@ impl Session {
         Ok(())
     }
 
+    fn map_inflight(&self, file: &File, offset: u64, size: u64, nq: u16, qs: u16) -> VuResult<Arc<InflightMap>> {
+        let region = Region::map(file, 0, size, 0, offset).map_err(|e| err(format!("in-flight region: {e}")))?;
+        if !(region.host() as usize).is_multiple_of(8) {
+            return Err(err("in-flight region offset is not 8-byte aligned"));
+        }
+        let per_queue = vstor_virtio::inflight::queue_region_size(qs);
+        Ok(Arc::new(InflightMap { region, per_queue, num_queues: nq, queue_size: qs }))
+    }
+
     /// Releases everything when the frontend goes away.
     pub fn teardown(&mut self) {
         self.stop_all();
         self.mem = Arc::new(GuestMemory::empty());
+        self.inflight = None;
     }
 
     fn update_running(&self, i: usize, f: impl FnOnce(&mut VirtqPoller) + Send + 'static) {
@@ -354,7 +375,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -403,13 +425,36 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(err("shared objects are not supported"))
     }
 
-    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        self.close = true;
-        Err(err("in-flight tracking was not offered"))
+    fn get_inflight_fd(&mut self, req: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let (nq, qs) = (req.num_queues, req.queue_size);
+        if nq == 0 || usize::from(nq) > self.vrings.len() || qs == 0 || qs > MAX_QUEUE_SIZE {
+            self.close = true;
+            return Err(err(format!("GET_INFLIGHT_FD for {nq} queues of {qs} entries is out of range")));
+        }
+        let per = vstor_virtio::inflight::queue_region_size(qs);
+        let size = per * u64::from(nq);
+        let file = vstor_mem::memfd("vstor-inflight", size).map_err(|e| {
+            self.close = true;
+            err(format!("in-flight region: {e}"))
+        })?;
+        let map = self.map_inflight(&file, 0, size, nq, qs)?;
+        self.inflight = Some(map);
+        tracing::info!(ctrlr = %self.ctrl.name, queues = nq, queue_size = qs, bytes = size, "in-flight region created");
+        Ok((VhostUserInflight::new(size, 0, nq, qs), file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(err("in-flight tracking was not offered"))
+    fn set_inflight_fd(&mut self, req: &VhostUserInflight, file: File) -> VuResult<()> {
+        let (nq, qs) = (req.num_queues, req.queue_size);
+        if nq == 0 || usize::from(nq) > self.vrings.len() || qs == 0 || qs > MAX_QUEUE_SIZE {
+            return Err(err(format!("SET_INFLIGHT_FD for {nq} queues of {qs} entries is out of range")));
+        }
+        let need = vstor_virtio::inflight::queue_region_size(qs) * u64::from(nq);
+        if req.mmap_size < need {
+            return Err(err(format!("in-flight region of {} bytes is smaller than the {need} needed", req.mmap_size)));
+        }
+        self.inflight = Some(self.map_inflight(&file, req.mmap_offset, need, nq, qs)?);
+        tracing::info!(ctrlr = %self.ctrl.name, queues = nq, queue_size = qs, "in-flight region set");
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -18,6 +18,7 @@
 
 mod chain;
 pub mod driver;
+pub mod inflight;
 mod packed;
 mod ring;
 mod split;
@@ -230,6 +231,22 @@ impl Virtqueue {
         match self {
             Virtqueue::Split(q) => q.has_available(),
             Virtqueue::Packed(q) => q.has_available(),
+        }
+    }
+
+    /// Attaches a shared in-flight record (split rings only); returns the heads to resubmit.
+    pub fn attach_inflight(&mut self, log: inflight::InflightSplit, features: u64) -> Result<Vec<u16>, &'static str> {
+        match self {
+            Virtqueue::Split(q) => q.attach_inflight(log, features),
+            Virtqueue::Packed(_) => Err("in-flight tracking is implemented for split rings only"),
+        }
+    }
+
+    /// Takes a recovered head again (see [`attach_inflight`](Self::attach_inflight)).
+    pub fn resubmit(&mut self, head: u16) -> Result<DescChain, PopError> {
+        match self {
+            Virtqueue::Split(q) => q.resubmit(head),
+            Virtqueue::Packed(_) => Err(PopError::Fatal(FatalError::HeadOutOfRange(head))),
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use vstor_mem::GuestMemory;
 
 use crate::chain::{ChainBuilder, DescChain};
+use crate::inflight::InflightSplit;
 use crate::ring::{area, read, write};
 use crate::{ChainError, FatalError, PopError, QueueError, QueueParams, MAX_INDIRECT, MAX_QUEUE_SIZE};
 
@@ -62,6 +63,9 @@ pub struct SplitQueue {
     signalled_used: u16,
     signalled_valid: bool,
     inflight: Vec<bool>,
+    /// The shared in-flight record (vhost-user INFLIGHT_SHMFD), if the frontend gave one.
+    log: Option<InflightSplit>,
+    counter: u64,
 }
 
 impl SplitQueue {
@@ -80,6 +84,8 @@ impl SplitQueue {
             signalled_used: 0,
             signalled_valid: false,
             inflight: vec![false; usize::from(p.size)],
+            log: None,
+            counter: 0,
         };
         q.set_memory(mem)?;
         // The used index in guest memory is where this device left off (0 on a fresh queue).
@@ -137,12 +143,47 @@ impl SplitQueue {
         if self.inflight[usize::from(head)] {
             return Some(Err(PopError::Fatal(FatalError::DuplicateHead(head))));
         }
+        self.log_get(head);
         match self.walk(head) {
             Ok(c) => {
                 self.inflight[usize::from(head)] = true;
                 Some(Ok(c))
             }
             Err(kind) => Some(Err(PopError::Chain { head, ndesc: 1, kind })),
+        }
+    }
+
+    fn log_get(&mut self, head: u16) {
+        if let Some(l) = &self.log {
+            self.counter += 1;
+            l.get(head, self.counter);
+        }
+    }
+
+    /// Attaches the shared in-flight record and recovers from it: returns the heads a previous
+    /// device instance took and did not complete, in the order it took them; the queue resumes
+    /// after them. Resubmit each with [`resubmit`](Self::resubmit).
+    pub fn attach_inflight(&mut self, log: InflightSplit, features: u64) -> Result<Vec<u16>, &'static str> {
+        let heads = log.recover(self.next_used, features)?;
+        let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+        // Everything taken = everything used + everything still in flight.
+        self.next_avail = self.next_used.wrapping_add(n);
+        self.log = Some(log);
+        Ok(heads)
+    }
+
+    /// Takes chain `head` again after a restart (it is still the driver's and still in flight).
+    pub fn resubmit(&mut self, head: u16) -> Result<DescChain, PopError> {
+        if head >= self.p.size || self.inflight[usize::from(head)] {
+            return Err(PopError::Fatal(FatalError::HeadOutOfRange(head)));
+        }
+        self.log_get(head);
+        match self.walk(head) {
+            Ok(c) => {
+                self.inflight[usize::from(head)] = true;
+                Ok(c)
+            }
+            Err(kind) => Err(PopError::Chain { head, ndesc: 1, kind }),
         }
     }
 
@@ -212,6 +253,9 @@ impl SplitQueue {
     }
 
     pub fn push_used(&mut self, head: u16, len: u32) {
+        if let Some(l) = &self.log {
+            l.pre_put(head);
+        }
         let slot = usize::from(self.next_used % self.p.size);
         // SAFETY: `slot < size`: the element lies inside the used ring; it is 4-byte aligned
         // because the ring is (checked at setup) and elements are 8 bytes.
@@ -224,6 +268,9 @@ impl SplitQueue {
         fence(Ordering::Release);
         // SAFETY: `used + 2` is the used index, inside the ring.
         unsafe { write::<u16>(self.used.add(2), self.next_used.to_le()) };
+        if let Some(l) = &self.log {
+            l.post_put(head, self.next_used);
+        }
         if let Some(f) = self.inflight.get_mut(usize::from(head)) {
             *f = false;
         }

@@ -373,3 +373,60 @@ fn packed_event_suppression() {
     }
     assert_eq!(calls, vec![false, true, false], "only the completion that moves the used index past 2");
 }
+
+#[test]
+fn inflight_records_survive_a_device_restart_and_resubmit_in_order() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let region = 0x6_0000; // the shared in-flight region, here inside guest memory for convenience
+    let size = crate::inflight::queue_region_size(8);
+    let host = m.translate(region, size).unwrap();
+    // SAFETY: `host` maps `size` bytes of guest memory that outlive both queues; it is 8-aligned.
+    let log = || unsafe { crate::inflight::InflightSplit::new(host, 8) };
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert!(q.attach_inflight(log(), 7).unwrap().is_empty(), "a fresh region has nothing in flight");
+    for h in [2u16, 0, 5] {
+        d.add(h, &[(DATA, 16, false)]);
+    }
+    let taken: Vec<u16> = (0..3).map(|_| q.pop().unwrap().unwrap().head).collect();
+    assert_eq!(taken, vec![2, 0, 5]);
+    q.push_used(0, 1, 0);
+    drop(q); // the device dies with 2 and 5 in flight
+
+    let mut p = d.params(false, false);
+    p.base = 1; // what the frontend restores: its used index
+    let mut q2 = Virtqueue::new(&p, m.clone()).unwrap();
+    assert_eq!(q2.attach_inflight(log(), 7).unwrap(), vec![2, 5], "in the order they were taken");
+    for h in [2u16, 5] {
+        let c = q2.resubmit(h).unwrap();
+        q2.push_used(c.head, 1, 0);
+    }
+    d.add(6, &[(DATA, 16, false)]);
+    assert_eq!(q2.pop().unwrap().unwrap().head, 6, "new requests continue after the recovered ones");
+    let mut used: Vec<u32> = d.used().iter().map(|u| u.0).collect();
+    used.sort_unstable();
+    assert_eq!(used, vec![0, 2, 5]);
+}
+
+#[test]
+fn inflight_recovery_clears_a_completion_published_before_the_crash() {
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let region = 0x6_0000;
+    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
+    // SAFETY: as in the previous test.
+    let log = || unsafe { crate::inflight::InflightSplit::new(host, 8) };
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    q.attach_inflight(log(), 0).unwrap();
+    d.add(3, &[(DATA, 16, false)]);
+    let c = q.pop().unwrap().unwrap();
+    q.push_used(c.head, 1, 0);
+    // Simulate a crash between publishing the used element and clearing the record.
+    m.write(region + 16 + 16 * 3, &[1]).unwrap();
+    m.write(region + 14, &0u16.to_le_bytes()).unwrap();
+    drop(q);
+    let mut p = d.params(false, false);
+    p.base = 1;
+    let mut q2 = Virtqueue::new(&p, m).unwrap();
+    assert!(q2.attach_inflight(log(), 0).unwrap().is_empty(), "the completed head is not resubmitted");
+}

@@ -1,6 +1,6 @@
 //! A scripted vhost-user frontend (not a VM): rust-vmm's `vhost` crate speaks the protocol,
 //! `vstor_virtio::driver` writes the rings, so tests can send vstor exactly the chains they want,
-//! well-formed or not.
+//! well-formed or not, and can reconnect to a restarted vstor as QEMU does.
 #![allow(clippy::cast_possible_truncation)]
 
 use std::fs::File;
@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -39,68 +39,120 @@ pub struct TestFrontend {
     pub file: File,
     pub queues: Vec<Queue>,
     pub features: u64,
+    want: u64,
+    size: u16,
+    /// The in-flight region the backend handed out (kept across reconnects, as QEMU does).
+    pub inflight: Option<(VhostUserInflight, File)>,
+}
+
+fn want_protocol(inflight: bool) -> VhostUserProtocolFeatures {
+    let mut p = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if inflight {
+        p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    p
 }
 
 impl TestFrontend {
     /// Connects and sets up `nq` split queues of `size` entries (VA == GPA, one memfd region).
     pub fn connect(sock: &Path, nq: usize, size: u16, features: u64) -> Self {
-        let fe = Frontend::connect(sock, nq as u64).expect("connect");
-        Self::setup(fe, nq, size, features)
+        Self::connect_with(sock, nq, size, features, false)
     }
 
-    pub fn setup(mut fe: Frontend, nq: usize, size: u16, want: u64) -> Self {
+    /// Like [`connect`](Self::connect), asking the backend for an in-flight region first.
+    pub fn connect_inflight(sock: &Path, nq: usize, size: u16, features: u64) -> Self {
+        Self::connect_with(sock, nq, size, features, true)
+    }
+
+    fn connect_with(sock: &Path, nq: usize, size: u16, want: u64, inflight: bool) -> Self {
         let file = memfd("guest", MEM_SIZE).unwrap();
         let mem = Arc::new(GuestMemory::new(vec![Region::map(&file, 0, MEM_SIZE, 0, 0).unwrap()]).unwrap());
+        let fe = Frontend::connect(sock, nq as u64).expect("connect");
+        let mut t = Self { fe, mem, file, queues: Vec::new(), features: 0, want, size, inflight: None };
+        t.handshake(inflight);
+        for q in 0..nq {
+            let d = SplitDriver::new_at(t.mem.clone(), size, 0x1000 + q as u64 * RING_STRIDE);
+            let new = || EventFd::new(EFD_NONBLOCK).unwrap();
+            t.queues.push(Queue { d, kick: new(), call: new(), err: new() });
+            t.start_queue(q, 0);
+        }
+        t
+    }
+
+    fn handshake(&mut self, inflight: bool) {
+        let fe = &mut self.fe;
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
         // Device-specific bits (0..24) are all taken, like a driver that supports them all.
-        let features = (want | VERSION_1 | PROTOCOL_FEATURES | 0xff_ffff) & offered;
-        fe.set_features(features).unwrap();
+        self.features = (self.want | VERSION_1 | PROTOCOL_FEATURES | 0xff_ffff) & offered;
+        fe.set_features(self.features).unwrap();
         let pf = fe.get_protocol_features().unwrap();
-        let want_pf = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        fe.set_protocol_features(pf & want_pf).unwrap();
+        fe.set_protocol_features(pf & want_protocol(inflight)).unwrap();
+        if inflight {
+            let (info, file) = match self.inflight.take() {
+                Some(x) => x,
+                None => {
+                    let req = VhostUserInflight::new(0, 0, self.queues.len().max(1) as u16, self.size);
+                    fe.get_inflight_fd(&req).unwrap()
+                }
+            };
+            fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+            self.inflight = Some((info, file));
+        }
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_SIZE,
             userspace_addr: 0,
             mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
+            mmap_handle: self.file.as_raw_fd(),
         };
         fe.set_mem_table(&[region]).unwrap();
-        let mut t = Self { fe, mem, file, queues: Vec::new(), features };
-        for q in 0..nq {
-            t.add_queue(q, size);
-        }
-        t
     }
 
-    fn add_queue(&mut self, q: usize, size: u16) {
-        let d = SplitDriver::new_at(self.mem.clone(), size, 0x1000 + q as u64 * RING_STRIDE);
-        let (kick, call, err) = (
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        );
-        self.fe.set_vring_num(q, size).unwrap();
+    fn start_queue(&mut self, q: usize, base: u16) {
+        let Queue { d, kick, call, err } = &self.queues[q];
+        let fe = &mut self.fe;
+        fe.set_vring_num(q, d.size).unwrap();
         let cfg = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
+            queue_max_size: d.size,
+            queue_size: d.size,
             flags: 0,
             desc_table_addr: d.desc,
             used_ring_addr: d.used,
             avail_ring_addr: d.avail,
             log_addr: None,
         };
-        self.fe.set_vring_addr(q, &cfg).unwrap();
-        self.fe.set_vring_base(q, 0).unwrap();
-        self.fe.set_vring_call(q, &call).unwrap();
-        self.fe.set_vring_err(q, &err).unwrap();
-        self.fe.set_vring_kick(q, &kick).unwrap();
-        self.fe.set_vring_enable(q, true).unwrap();
-        self.queues.push(Queue { d, kick, call, err });
+        fe.set_vring_addr(q, &cfg).unwrap();
+        fe.set_vring_base(q, base).unwrap();
+        fe.set_vring_call(q, call).unwrap();
+        fe.set_vring_err(q, err).unwrap();
+        fe.set_vring_kick(q, kick).unwrap();
+        fe.set_vring_enable(q, true).unwrap();
+    }
+
+    /// Connects again (after the backend restarted), with the same memory, rings and in-flight
+    /// region. Each ring restarts at the used index found in memory, as QEMU does when it could
+    /// not ask the dead backend where it was.
+    pub fn reconnect(&mut self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        self.fe = loop {
+            match Frontend::connect(sock, self.queues.len() as u64) {
+                Ok(fe) => break fe,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "reconnect: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let inflight = self.inflight.is_some();
+        self.handshake(inflight);
+        for q in 0..self.queues.len() {
+            let used = vstor_virtio::driver::r16(&self.mem, self.queues[q].d.used + 2);
+            self.start_queue(q, used);
+        }
     }
 
     /// Device config bytes.
@@ -108,12 +160,6 @@ impl TestFrontend {
         let buf = vec![0u8; len as usize];
         let (_, data) = self.fe.get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf).unwrap();
         data
-    }
-
-    /// Makes chain `head` available on queue `q` and kicks.
-    pub fn publish(&mut self, q: usize, head: u16) {
-        self.queues[q].d.publish(head);
-        self.queues[q].kick.write(1).unwrap();
     }
 
     /// Waits for `n` used entries on queue `q`.

@@ -116,8 +116,53 @@ impl GuestRun {
     }
 }
 
-/// Boots a guest and waits for it to power off (or the timeout).
-pub fn run(o: &GuestOpts, workdir: &Path) -> GuestRun {
+/// A guest still running.
+pub struct RunningGuest {
+    child: std::process::Child,
+    console: PathBuf,
+    deadline: Instant,
+}
+
+impl RunningGuest {
+    /// The console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console contains `needle` (or the guest exits / times out).
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.console().contains(needle) {
+                return true;
+            }
+            if self.child.try_wait().ok().flatten().is_some() {
+                return self.console().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits for the guest to power off and collects its results.
+    pub fn finish(mut self) -> GuestRun {
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st.code();
+            }
+            if Instant::now() > self.deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        collect(&self.console, status, &mut self.child)
+    }
+}
+
+/// Boots a guest and returns at once.
+pub fn spawn(o: &GuestOpts, workdir: &Path) -> RunningGuest {
     let console = workdir.join(format!("console-{}.log", o.test));
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-nodefaults", "-display", "none"])
@@ -138,24 +183,21 @@ pub fn run(o: &GuestOpts, workdir: &Path) -> GuestRun {
     if !o.allow_reboot {
         cmd.arg("-no-reboot");
     }
-    let mut child = cmd.spawn().expect("start qemu");
-    let deadline = Instant::now() + o.timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let child = cmd.spawn().expect("start qemu");
+    RunningGuest { child, console, deadline: Instant::now() + o.timeout }
+}
+
+/// Boots a guest and waits for it to power off (or the timeout).
+pub fn run(o: &GuestOpts, workdir: &Path) -> GuestRun {
+    spawn(o, workdir).finish()
+}
+
+fn collect(console: &Path, status: Option<i32>, child: &mut std::process::Child) -> GuestRun {
     let mut stderr = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
     }
-    let mut text = std::fs::read_to_string(&console).unwrap_or_default();
+    let mut text = std::fs::read_to_string(console).unwrap_or_default();
     if !stderr.is_empty() {
         text.push_str("\n--- qemu stderr ---\n");
         text.push_str(&stderr);

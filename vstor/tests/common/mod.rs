@@ -21,6 +21,7 @@ pub struct Daemon {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
+    args: Vec<String>,
 }
 
 pub fn test_dir() -> tempfile::TempDir {
@@ -35,14 +36,31 @@ impl Daemon {
 
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let sock = dir.path().join("rpc.sock");
-        let log = std::fs::File::create(dir.path().join("vstor.log")).unwrap();
-        let mut cmd = Command::new(vstor_bin());
-        cmd.arg("serve").arg("--rpc-socket").arg(&sock).arg("-S").arg(dir.path()).args(extra);
-        cmd.stdout(Stdio::null()).stderr(log);
-        let child = cmd.spawn().expect("spawn vstor");
-        let mut d = Daemon { child, dir, sock };
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(dir.path(), &sock, &args);
+        let mut d = Daemon { child, dir, sock, args };
         d.wait_ready();
         d
+    }
+
+    fn spawn(dir: &Path, sock: &Path, args: &[String]) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("vstor.log")).unwrap();
+        let mut cmd = Command::new(vstor_bin());
+        cmd.arg("serve").arg("--rpc-socket").arg(sock).arg("-S").arg(dir).args(args);
+        cmd.stdout(Stdio::null()).stderr(log);
+        cmd.spawn().expect("spawn vstor")
+    }
+
+    /// `kill -9` the daemon and start it again with the same arguments (`extra` replaces them if
+    /// given), in the same directory.
+    pub fn kill_and_restart(&mut self, extra: Option<&[&str]>) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(e) = extra {
+            self.args = e.iter().map(|s| s.to_string()).collect();
+        }
+        self.child = Self::spawn(self.dir.path(), &self.sock, &self.args);
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -51,7 +69,7 @@ impl Daemon {
             if let Some(st) = self.child.try_wait().unwrap() {
                 panic!("vstor exited early ({st}): {}", self.log());
             }
-            if UnixStream::connect(&self.sock).is_ok() {
+            if UnixStream::connect(&self.sock).is_ok() && self.rpc("framework_wait_init", Value::Null).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
-use vstor_bdev::{malloc, null, uring, Bdev, BdevParams, IoType, StatsSnapshot};
+use vstor_bdev::{delay, malloc, null, uring, Bdev, BdevParams, IoType, StatsSnapshot};
 
 use super::{Methods, NoParams};
 use crate::app::App;
@@ -22,6 +22,9 @@ pub(crate) fn register(m: &mut Methods) {
     m.add("bdev_aio_delete", |app: &Arc<App>, p: ByName| delete(app, &p.name, uring::PRODUCT_AIO));
     m.add("bdev_uring_create", bdev_uring_create);
     m.add("bdev_uring_delete", |app: &Arc<App>, p: ByName| delete(app, &p.name, uring::PRODUCT_URING));
+    m.add("bdev_delay_create", bdev_delay_create);
+    m.add("bdev_delay_delete", |app: &Arc<App>, p: ByName| delete(app, &p.name, delay::PRODUCT));
+    m.add("bdev_delay_update_latency", bdev_delay_update_latency);
     m.add("bdev_get_bdevs", bdev_get_bdevs);
     m.add("bdev_get_iostat", bdev_get_iostat);
     m.add("bdev_reset_iostat", bdev_reset_iostat);
@@ -241,6 +244,57 @@ fn bdev_uring_create(app: &Arc<App>, p: UringCreate) -> Result<Value, RpcError> 
     };
     let b = app.bdevs.register(uring::create(o)?)?;
     Ok(json!(b.name()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DelayCreate {
+    name: String,
+    base_bdev_name: String,
+    avg_read_latency: u64,
+    p99_read_latency: u64,
+    avg_write_latency: u64,
+    p99_write_latency: u64,
+    uuid: Option<String>,
+}
+
+fn bdev_delay_create(app: &Arc<App>, p: DelayCreate) -> Result<Value, RpcError> {
+    if app.bdevs.get(&p.name).is_some() {
+        return Err(vstor_bdev::BdevError::Exists(p.name).into());
+    }
+    let base = app
+        .bdevs
+        .lookup(&p.base_bdev_name)
+        .map_err(|e| RpcError::errno(libc::ENODEV, format!("base_bdev_name: {e}")))?;
+    let lat = delay::Latencies {
+        avg_read: p.avg_read_latency,
+        p99_read: p.p99_read_latency,
+        avg_write: p.avg_write_latency,
+        p99_write: p.p99_write_latency,
+    };
+    let b = delay::create(&p.name, parse_uuid(&p.uuid)?, base.clone(), lat)?;
+    match app.bdevs.register(b) {
+        Ok(b) => Ok(json!(b.name())),
+        Err(e) => {
+            base.release(&format!("delay:{}", p.name));
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DelayUpdate {
+    delay_bdev_name: String,
+    latency_type: String,
+    latency_us: u64,
+}
+
+fn bdev_delay_update_latency(app: &Arc<App>, p: DelayUpdate) -> Result<Value, RpcError> {
+    let t: delay::LatencyType = p.latency_type.parse().map_err(|e| RpcError::bad_param("latency_type", e))?;
+    let b = app.bdevs.lookup(&p.delay_bdev_name)?;
+    delay::update(&b, t, p.latency_us)?;
+    Ok(json!(true))
 }
 
 fn delete(app: &Arc<App>, name: &str, product: &str) -> Result<Value, RpcError> {

@@ -1,0 +1,70 @@
+//! Restart without losing requests: a frontend keeps the in-flight region across a `kill -9` of
+//! vstor; the new vstor resubmits what the old one had taken and not completed.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::frontend::*;
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+
+#[test]
+fn requests_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let cfg = dir.path().join("vstor.json");
+    let config = json!({"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_uring_create", "params": {"name": "U0", "filename": img.to_str().unwrap()}},
+            {"method": "bdev_delay_create", "params": {"name": "D0", "base_bdev_name": "U0",
+                "avg_read_latency": 2_000_000, "p99_read_latency": 2_000_000,
+                "avg_write_latency": 2_000_000, "p99_write_latency": 2_000_000}}]},
+        {"subsystem": "vhost_blk", "config": [
+            {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vb", "dev_name": "D0"}}]}
+    ]});
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let mut d = Daemon::start_in(dir, &["--config", cfg.to_str().unwrap()]);
+    let sock = d.dir.path().join("vb");
+    let mut f = TestFrontend::connect_inflight(&sock, 1, 64, EVENT_IDX);
+    // Four writes, each held 2 s by the delay bdev: all in flight when vstor dies.
+    let status = |i: u16| DATA + u64::from(i) * 0x1_0000 + 0x8000;
+    for i in 0..4u16 {
+        let base = DATA + u64::from(i) * 0x1_0000;
+        f.write(base, &blk_header(1, u64::from(i) * 8));
+        f.write(base + 0x1000, &[0xA0 + i as u8; 4096]);
+        f.write(status(i), &[0xff]);
+        f.queues[0].d.add(i * 3, &[(base, 16, false), (base + 0x1000, 4096, false), (status(i), 1, true)]);
+    }
+    f.queues[0].kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(f.queues[0].d.used().is_empty(), "nothing completes within the delay");
+    // kill -9 and restart with the same config; the frontend reconnects with the same memory,
+    // rings and in-flight region.
+    d.kill_and_restart(None);
+    f.reconnect(&sock);
+    let mut heads: Vec<u32> = f.wait_used(0, 4, T).iter().map(|u| u.0).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, vec![0, 3, 6, 9], "every request in flight at the kill completes");
+    for i in 0..4 {
+        assert_eq!(f.read(status(i), 1), vec![0], "request {i} succeeded");
+    }
+    // The data is on the file.
+    let file = std::fs::read(&img).unwrap();
+    for i in 0..4usize {
+        assert!(file[i * 4096..(i + 1) * 4096].iter().all(|&b| b == 0xA0 + i as u8), "block {i}");
+    }
+    assert!(d.log().contains("resubmitting requests left in flight"), "{}", d.log());
+    // New requests after the recovered ones work.
+    let base = DATA + 0x20_0000;
+    f.write(base, &blk_header(0, 0));
+    f.write(base + 0x8000, &[0xff]);
+    f.queues[0].d.add(20, &[(base, 16, false), (base + 0x1000, 512, true), (base + 0x8000, 1, true)]);
+    f.queues[0].kick.write(1).unwrap();
+    assert_eq!(f.wait_used(0, 1, T), vec![(20, 513)]);
+    assert_eq!(f.read(base + 0x1000, 512), vec![0xA0; 512]);
+}
