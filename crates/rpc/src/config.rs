@@ -21,6 +21,7 @@ pub fn subsystems() -> Vec<Subsystem> {
     vec![
         Subsystem { name: "bdev", depends_on: &[], dump: crate::methods::bdev::dump_config },
         Subsystem { name: "vhost_blk", depends_on: &["bdev"], dump: crate::methods::vhost::dump_blk_config },
+        Subsystem { name: "vhost_scsi", depends_on: &["bdev"], dump: crate::methods::vhost::dump_scsi_config },
     ]
 }
 

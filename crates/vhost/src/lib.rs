@@ -11,6 +11,7 @@
 
 pub mod blk;
 pub mod queue;
+pub mod scsi;
 mod session;
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ use std::thread::JoinHandle;
 use serde_json::{json, Value};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vstor_bdev::Bdev;
-use vstor_reactor::{CpuMask, Reactor, ReactorHandle};
+use vstor_reactor::{CpuMask, PollerId, Reactor, ReactorHandle};
 
 pub use blk::BlkDevice;
 pub use queue::{Coalescing, QueueCell, QueueCore, QueueHandler, VirtqPoller};
@@ -49,6 +50,17 @@ pub trait VirtioBackend: Send + Sync + 'static {
         size: u16,
         features: u64,
     ) -> Result<Box<dyn QueueHandler>, String>;
+
+    /// Which of the controller's `reactors` runs queue `index`.
+    fn reactor_index(&self, index: u16, reactors: usize) -> usize {
+        usize::from(index) % reactors.max(1)
+    }
+
+    /// Queue `index` now runs as poller `id` on `reactor`.
+    fn queue_started(&self, _index: u16, _reactor: ReactorHandle, _id: PollerId) {}
+
+    /// Queue `index` stopped.
+    fn queue_stopped(&self, _index: u16) {}
 }
 
 impl VirtioBackend for BlkDevice {
@@ -96,6 +108,7 @@ pub enum VhostError {
 /// Which device a controller is.
 pub enum DeviceKind {
     Blk { bdev: Arc<Bdev>, readonly: bool },
+    Scsi { dev: Arc<scsi::ScsiDevice> },
 }
 
 /// State shared by a controller, its connection thread and its sessions.
@@ -145,6 +158,7 @@ impl Controller {
             DeviceKind::Blk { bdev, readonly } => json!({
                 "block": { "readonly": readonly, "bdev": bdev.name(), "transport": "vhost_user_blk" }
             }),
+            DeviceKind::Scsi { dev } => dev.info(),
         };
         json!({
             "ctrlr": self.name(),
@@ -172,6 +186,19 @@ impl Controller {
                     "cpumask": self.cpumask.to_hex(),
                 }
             })),
+            DeviceKind::Scsi { dev } => {
+                out.push(json!({
+                    "method": "vhost_create_scsi_controller",
+                    "params": { "ctrlr": self.name(), "cpumask": self.cpumask.to_hex(), "delay": true }
+                }));
+                for (i, t) in dev.targets() {
+                    out.push(json!({
+                        "method": "vhost_scsi_controller_add_target",
+                        "params": { "ctrlr": self.name(), "scsi_target_num": i, "bdev_name": t.bdev.name() }
+                    }));
+                }
+                out.push(json!({ "method": "vhost_start_scsi_controller", "params": { "ctrlr": self.name() } }));
+            }
         }
         let c = &self.shared.coalescing;
         let (d, i) = (c.delay_base_us.load(Ordering::Relaxed), c.iops_threshold.load(Ordering::Relaxed));
@@ -190,6 +217,7 @@ impl Controller {
 
     /// Disconnects the frontend (if any), stops the thread, removes the socket, releases the bdev.
     fn shutdown(&self) {
+        let started = self.thread.lock().unwrap_or_else(|e| e.into_inner()).is_some();
         self.stop.store(true, Ordering::SeqCst);
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);
@@ -199,9 +227,20 @@ impl Controller {
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if started {
+            let _ = std::fs::remove_file(&self.socket);
+        }
         match &self.kind {
             DeviceKind::Blk { bdev, .. } => bdev.release(&self.claim_owner()),
+            DeviceKind::Scsi { dev } => dev.release_all(),
+        }
+    }
+
+    /// The SCSI device, for a vhost-scsi controller.
+    pub fn scsi(&self) -> Option<&Arc<scsi::ScsiDevice>> {
+        match &self.kind {
+            DeviceKind::Scsi { dev } => Some(dev),
+            DeviceKind::Blk { .. } => None,
         }
     }
 }
@@ -367,7 +406,59 @@ impl VhostManager {
         kind: DeviceKind,
         packed: bool,
     ) -> Result<(), VhostError> {
+        self.start_maybe(name, path, cpumask, reactors, backend, kind, packed, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_maybe(
+        &self,
+        name: &str,
+        path: PathBuf,
+        cpumask: CpuMask,
+        reactors: Vec<ReactorHandle>,
+        backend: Arc<dyn VirtioBackend>,
+        kind: DeviceKind,
+        packed: bool,
+        listen: bool,
+    ) -> Result<(), VhostError> {
+        let shared = Arc::new(CtrlShared {
+            name: Arc::from(name),
+            backend,
+            reactors,
+            packed,
+            coalescing: Arc::new(Coalescing::default()),
+            connected: AtomicBool::new(false),
+            started_queues: AtomicUsize::new(0),
+        });
+        let ctrl = Arc::new(Controller {
+            shared,
+            kind,
+            socket: path.clone(),
+            cpumask,
+            stop: Arc::new(AtomicBool::new(false)),
+            conn: Arc::new(Mutex::new(None)),
+            thread: Mutex::new(None),
+        });
+        if listen {
+            self.listen(&ctrl)?;
+        }
+        tracing::info!(ctrlr = name, socket = %path.display(), cpumask = %ctrl.cpumask, listening = listen, "vhost controller created");
+        self.lock().insert(name.to_string(), ctrl);
+        self.order.lock().unwrap_or_else(|e| e.into_inner()).push(name.to_string());
+        Ok(())
+    }
+
+    /// Creates the controller's socket and starts serving it.
+    fn listen(&self, ctrl: &Arc<Controller>) -> Result<(), VhostError> {
+        let path = ctrl.socket.clone();
         let sock_err = |source| VhostError::Socket { path: path.clone(), source };
+        let mut thread = ctrl.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if thread.is_some() {
+            return Err(VhostError::InvalidParam {
+                param: "ctrlr",
+                msg: format!("controller '{}' is already started", ctrl.name()),
+            });
+        }
         if path.exists() {
             if UnixStream::connect(&path).is_ok() {
                 return Err(VhostError::InvalidParam {
@@ -379,35 +470,53 @@ impl VhostManager {
         }
         let listener = UnixListener::bind(&path).map_err(sock_err)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(self.socket_mode)).map_err(sock_err)?;
-        let shared = Arc::new(CtrlShared {
-            name: Arc::from(name),
-            backend,
-            reactors,
-            packed,
-            coalescing: Arc::new(Coalescing::default()),
-            connected: AtomicBool::new(false),
-            started_queues: AtomicUsize::new(0),
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let conn = Arc::new(Mutex::new(None));
-        let (s2, st2, c2) = (shared.clone(), stop.clone(), conn.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("vhost_{name}"))
-            .spawn(move || serve(s2, listener, st2, c2))
-            .map_err(sock_err)?;
-        let ctrl = Arc::new(Controller {
-            shared,
-            kind,
-            socket: path.clone(),
-            cpumask,
-            stop,
-            conn,
-            thread: Mutex::new(Some(thread)),
-        });
-        tracing::info!(ctrlr = name, socket = %path.display(), cpumask = %ctrl.cpumask, "vhost controller created");
-        self.lock().insert(name.to_string(), ctrl);
-        self.order.lock().unwrap_or_else(|e| e.into_inner()).push(name.to_string());
+        let (s2, st2, c2) = (ctrl.shared.clone(), ctrl.stop.clone(), ctrl.conn.clone());
+        let name = ctrl.name().to_string();
+        *thread = Some(
+            std::thread::Builder::new()
+                .name(format!("vhost_{name}"))
+                .spawn(move || serve(s2, listener, st2, c2))
+                .map_err(sock_err)?,
+        );
         Ok(())
+    }
+
+    /// Creates a vhost-user-scsi controller with no targets. With `delay`, its socket appears
+    /// only after [`start_scsi`](Self::start_scsi) (so targets can be added first).
+    pub fn create_scsi(&self, name: &str, cpumask: Option<CpuMask>, delay: bool) -> Result<(), VhostError> {
+        let path = self.check_name(name)?;
+        let (cpumask, reactors) = self.reactors_for(cpumask.as_ref())?;
+        let dev = scsi::ScsiDevice::new(name);
+        self.start_maybe(name, path, cpumask, reactors, dev.clone(), DeviceKind::Scsi { dev }, false, !delay)
+    }
+
+    /// Starts a controller created with `delay`.
+    pub fn start_scsi(&self, name: &str) -> Result<(), VhostError> {
+        let ctrl = self.get(name).ok_or_else(|| VhostError::NotFound(name.to_string()))?;
+        if ctrl.scsi().is_none() {
+            return Err(VhostError::InvalidParam { param: "ctrlr", msg: format!("'{name}' is not a SCSI controller") });
+        }
+        self.listen(&ctrl)
+    }
+
+    /// Adds a SCSI target backed by `bdev`; returns its number.
+    pub fn scsi_add_target(&self, name: &str, target: Option<usize>, bdev: Arc<Bdev>) -> Result<usize, VhostError> {
+        let ctrl = self.get(name).ok_or_else(|| VhostError::NotFound(name.to_string()))?;
+        let dev = ctrl.scsi().ok_or_else(|| VhostError::InvalidParam {
+            param: "ctrlr",
+            msg: format!("'{name}' is not a SCSI controller"),
+        })?;
+        dev.add_target(target, bdev)
+    }
+
+    /// Removes a SCSI target (its commands in flight complete first).
+    pub fn scsi_remove_target(&self, name: &str, target: usize) -> Result<(), VhostError> {
+        let ctrl = self.get(name).ok_or_else(|| VhostError::NotFound(name.to_string()))?;
+        let dev = ctrl.scsi().ok_or_else(|| VhostError::InvalidParam {
+            param: "ctrlr",
+            msg: format!("'{name}' is not a SCSI controller"),
+        })?;
+        dev.remove_target(target)
     }
 
     /// Deletes a controller; refused while a frontend is connected (as SPDK does).

@@ -66,6 +66,9 @@ pub struct QueueCore {
     err: Option<File>,
     epoll: EpollHandle,
     inflight: usize,
+    /// Of `inflight`, buffers the device holds on purpose (virtio-scsi event buffers waiting for
+    /// an event): a stop does not wait for them.
+    parked: usize,
     need_call: bool,
     broken: bool,
     stopping: bool,
@@ -94,16 +97,25 @@ impl QueueCore {
         self.completed += 1;
         self.window_done += 1;
         self.need_call = true;
-        if self.inflight == 0 {
-            if !self.retired_mem.is_empty() {
-                self.retired_mem.clear();
-            }
-            if self.stopping {
-                if let Some(tx) = self.drained.take() {
-                    let _ = tx.send(());
-                }
+        if self.inflight == 0 && !self.retired_mem.is_empty() {
+            self.retired_mem.clear();
+        }
+        if self.inflight <= self.parked && self.stopping {
+            if let Some(tx) = self.drained.take() {
+                let _ = tx.send(());
             }
         }
+    }
+
+    /// The handler keeps the chain it was just given (an event buffer): it does not count as work
+    /// a stop must wait for.
+    pub fn park(&mut self) {
+        self.parked += 1;
+    }
+
+    /// A parked chain is about to be completed.
+    pub fn unpark(&mut self) {
+        self.parked = self.parked.saturating_sub(1);
     }
 
     /// Requests taken and not yet returned.
@@ -183,6 +195,12 @@ pub trait QueueHandler: Any {
     /// A bdev I/O submitted with `me` as sink completed.
     fn io_done(&mut self, core: &mut QueueCore, tag: u64, result: IoResult);
 
+    /// A SCSI command submitted with `me` as sink completed.
+    fn task_done(&mut self, core: &mut QueueCore, tag: u64, result: vstor_scsi::TaskResult) {
+        let _ = (tag, result);
+        tracing::error!(ctrlr = %core.name, "unexpected SCSI completion on a non-SCSI queue");
+    }
+
     /// A chain too malformed to parse: return it with nothing written.
     fn bad_chain(&mut self, core: &mut QueueCore, head: u16, ndesc: u16) {
         core.complete(head, ndesc, 0);
@@ -203,6 +221,14 @@ impl IoSink for QueueCell {
         let mut st = self.0.borrow_mut();
         let QueueState { core, handler } = &mut *st;
         handler.io_done(core, tag, result);
+    }
+}
+
+impl vstor_scsi::TaskSink for QueueCell {
+    fn task_done(&self, tag: u64, result: vstor_scsi::TaskResult) {
+        let mut st = self.0.borrow_mut();
+        let QueueState { core, handler } = &mut *st;
+        handler.task_done(core, tag, result);
     }
 }
 
@@ -295,6 +321,7 @@ impl VirtqPoller {
             err: s.err,
             epoll,
             inflight: 0,
+            parked: 0,
             need_call: false,
             broken: false,
             stopping: false,
@@ -326,10 +353,14 @@ impl VirtqPoller {
         }
     }
 
-    /// Replaces the call (interrupt) eventfd.
+    /// Replaces the call (interrupt) eventfd. The new one is signalled once: an interrupt sent
+    /// on the old fd while the frontend was switching (QEMU does at every vector unmask) would
+    /// otherwise be lost, and with EVENT_IDX the driver would then never be interrupted again.
+    /// A spurious interrupt costs the driver one look at the used ring.
     pub fn set_call(&mut self, call: Option<File>) {
         if let Some(f) = &call {
             set_nonblocking(f);
+            signal_fd(f);
         }
         self.cell.0.borrow_mut().core.call = call;
     }
@@ -361,7 +392,7 @@ impl VirtqPoller {
     pub fn begin_stop(&mut self, drained: Sender<()>) {
         let mut st = self.cell.0.borrow_mut();
         st.core.stopping = true;
-        if st.core.inflight == 0 {
+        if st.core.inflight <= st.core.parked {
             let _ = drained.send(());
         } else {
             st.core.drained = Some(drained);

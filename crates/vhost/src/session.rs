@@ -102,7 +102,8 @@ impl Session {
 
     fn reactor_for(&self, index: usize) -> ReactorHandle {
         let r = &self.ctrl.reactors;
-        r[index % r.len()].clone()
+        let i = self.ctrl.backend.reactor_index(u16::try_from(index).unwrap_or(u16::MAX), r.len());
+        r[i % r.len()].clone()
     }
 
     /// Number of queues running now.
@@ -160,7 +161,8 @@ impl Session {
             .map_err(|e| err(format!("starting vring {i}: {e}")))?;
         tracing::info!(ctrlr = %self.ctrl.name, queue = i, core = reactor.core(), size = v.num, base = v.base,
             packed = params.packed, event_idx = params.event_idx, "vring started");
-        self.vrings[i].running = Some((reactor, id, addrs));
+        self.vrings[i].running = Some((reactor.clone(), id, addrs));
+        self.ctrl.backend.queue_started(u16::try_from(i).unwrap_or(u16::MAX), reactor, id);
         Ok(())
     }
 
@@ -170,6 +172,8 @@ impl Session {
         let name = self.ctrl.name.clone();
         let v = &mut self.vrings[i];
         let Some((h, id, _)) = v.running.take() else { return v.base };
+        self.ctrl.backend.queue_stopped(u16::try_from(i).unwrap_or(u16::MAX));
+        let v = &mut self.vrings[i];
         let (tx, rx) = mpsc::channel();
         let found =
             h.call(move |r| r.poller_mut::<VirtqPoller>(id).map(|p| p.begin_stop(tx)).is_some()).unwrap_or(false);

@@ -16,6 +16,58 @@ pub(crate) fn register(m: &mut Methods) {
     m.add("vhost_get_controllers", vhost_get_controllers);
     m.add("vhost_delete_controller", vhost_delete_controller);
     m.add("vhost_controller_set_coalescing", vhost_controller_set_coalescing);
+    m.add("vhost_create_scsi_controller", vhost_create_scsi_controller);
+    m.add("vhost_start_scsi_controller", |app: &Arc<App>, p: ByCtrlr| {
+        app.vhost.start_scsi(&p.ctrlr)?;
+        Ok(json!(true))
+    });
+    m.add("vhost_scsi_controller_add_target", vhost_scsi_controller_add_target);
+    m.add("vhost_scsi_controller_remove_target", vhost_scsi_controller_remove_target);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateScsi {
+    ctrlr: String,
+    cpumask: Option<String>,
+    #[serde(default)]
+    delay: bool,
+}
+
+fn vhost_create_scsi_controller(app: &Arc<App>, p: CreateScsi) -> Result<Value, RpcError> {
+    app.vhost.create_scsi(&p.ctrlr, parse_mask(p.cpumask.as_deref())?, p.delay)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddTarget {
+    ctrlr: String,
+    scsi_target_num: i32,
+    bdev_name: String,
+}
+
+fn vhost_scsi_controller_add_target(app: &Arc<App>, p: AddTarget) -> Result<Value, RpcError> {
+    let target = match p.scsi_target_num {
+        -1 => None,
+        n => Some(
+            usize::try_from(n).map_err(|_| RpcError::bad_param("scsi_target_num", format!("{n} is not 0-7 or -1")))?,
+        ),
+    };
+    let bdev = app.bdevs.lookup(&p.bdev_name).map_err(|e| RpcError::errno(libc::ENODEV, format!("bdev_name: {e}")))?;
+    Ok(json!(app.vhost.scsi_add_target(&p.ctrlr, target, bdev)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveTarget {
+    ctrlr: String,
+    scsi_target_num: u32,
+}
+
+fn vhost_scsi_controller_remove_target(app: &Arc<App>, p: RemoveTarget) -> Result<Value, RpcError> {
+    app.vhost.scsi_remove_target(&p.ctrlr, usize::try_from(p.scsi_target_num).unwrap_or(usize::MAX))?;
+    Ok(json!(true))
 }
 
 fn parse_mask(s: Option<&str>) -> Result<Option<CpuMask>, RpcError> {
@@ -90,7 +142,12 @@ fn vhost_controller_set_coalescing(app: &Arc<App>, p: Coalescing) -> Result<Valu
     Ok(json!(true))
 }
 
-/// The `vhost_blk` subsystem's config: every controller, in creation order.
+/// The `vhost_blk` subsystem's config: every blk controller, in creation order.
 pub fn dump_blk_config(app: &App) -> Vec<Value> {
-    app.vhost.list_in_creation_order().iter().flat_map(|c| c.config()).collect()
+    app.vhost.list_in_creation_order().iter().filter(|c| c.scsi().is_none()).flat_map(|c| c.config()).collect()
+}
+
+/// The `vhost_scsi` subsystem's config: every SCSI controller with its targets, in creation order.
+pub fn dump_scsi_config(app: &App) -> Vec<Value> {
+    app.vhost.list_in_creation_order().iter().filter(|c| c.scsi().is_some()).flat_map(|c| c.config()).collect()
 }
