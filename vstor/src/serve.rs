@@ -52,6 +52,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "OCTAL", default_value = "660", value_parser = parse_mode)]
     socket_mode: u32,
 
+    /// Do not offer dirty logging to vhost-user frontends: QEMU then refuses to live-migrate VMs
+    /// whose disks vstor serves (and says so).
+    #[arg(long)]
+    no_live_migration: bool,
+
     /// Permissions of the RPC socket (octal).
     #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
     rpc_socket_mode: u32,
@@ -107,6 +112,7 @@ pub fn run(a: ServeArgs) -> i32 {
         socket_dir: a.socket_dir.clone(),
         max_request: a.max_rpc_request,
         socket_mode: a.socket_mode,
+        live_migration: !a.no_live_migration,
     };
     let (app, shutdown_rx) = App::new(opts, reactors);
 

@@ -98,6 +98,8 @@ pub struct Bdev {
     stats: Mutex<StatsSet>,
     listeners: Mutex<Vec<Listener>>,
     next_listener: AtomicU64,
+    /// Who is doing I/O now (owner, users) when several owners share the bdev.
+    active: Mutex<Option<(String, u32)>>,
 }
 
 impl std::fmt::Debug for Bdev {
@@ -143,6 +145,7 @@ impl Bdev {
             stats: Mutex::new(StatsSet::default()),
             listeners: Mutex::new(Vec::new()),
             next_listener: AtomicU64::new(1),
+            active: Mutex::new(None),
         }))
     }
 
@@ -232,6 +235,37 @@ impl Bdev {
         let mut c = lock(&self.claims);
         if let Some(i) = c.iter().position(|c| c.owner == owner) {
             c.remove(i);
+        }
+    }
+
+    /// Marks `owner` as the one doing I/O (counted: each queue activates once). Refused while
+    /// another owner is active: with a bdev shared by two controllers (a migration handover)
+    /// only one side may run at a time.
+    pub fn activate(&self, owner: &str) -> Result<(), String> {
+        let mut a = lock(&self.active);
+        match a.as_mut() {
+            None => {
+                *a = Some((owner.to_string(), 1));
+                Ok(())
+            }
+            Some((o, n)) if o == owner => {
+                *n += 1;
+                Ok(())
+            }
+            Some((o, _)) => Err(o.clone()),
+        }
+    }
+
+    /// Ends one activation of `owner`.
+    pub fn deactivate(&self, owner: &str) {
+        let mut a = lock(&self.active);
+        if let Some((o, n)) = a.as_mut() {
+            if o == owner {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    *a = None;
+                }
+            }
         }
     }
 

@@ -345,3 +345,87 @@ mod tests {
         assert_eq!(&b, b"hello");
     }
 }
+
+/// The dirty-page log of a live migration (vhost-user LOG_SHMFD): a bitmap in a memfd shared
+/// with the frontend, one bit per 4 KiB guest page. Pages the backend writes into guest memory
+/// are marked, so the frontend copies them again.
+pub struct DirtyLog {
+    base: *mut u8,
+    len: usize,
+    _map: Arc<Mapping>,
+}
+
+// SAFETY: the bitmap is shared memory owned by this value; bits are set with atomic byte ORs.
+unsafe impl Send for DirtyLog {}
+// SAFETY: as above: concurrent marking from several reactors uses atomic operations only.
+unsafe impl Sync for DirtyLog {}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DirtyLog({} bytes)", self.len)
+    }
+}
+
+/// Page size the vhost-user log counts in.
+pub const LOG_PAGE: u64 = 4096;
+
+impl DirtyLog {
+    /// Maps `size` bytes of `file` from `offset` as the log.
+    pub fn map(file: &File, size: u64, offset: u64) -> Result<Self, MemError> {
+        let r = Region::map(file, 0, size, 0, offset)?;
+        let len = usize::try_from(size).map_err(|_| MemError::BadSize { gpa: 0, size })?;
+        Ok(Self { base: r.host, len, _map: r._map })
+    }
+
+    /// Marks every page of `[gpa, gpa + len)` dirty. Pages beyond the log are ignored.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
+        for page in first..=last {
+            let Ok(byte) = usize::try_from(page / 8) else { return };
+            if byte >= self.len {
+                return;
+            }
+            // SAFETY: `byte < len`, inside the mapping; `AtomicU8` has the layout of `u8` and the
+            // mapping outlives `self`.
+            let a = unsafe { &*(self.base.add(byte) as *const std::sync::atomic::AtomicU8) };
+            a.fetch_or(1 << (page % 8), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `gpa`'s page is marked (for tests).
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let page = gpa / LOG_PAGE;
+        let Ok(byte) = usize::try_from(page / 8) else { return false };
+        if byte >= self.len {
+            return false;
+        }
+        // SAFETY: as in `mark`.
+        let a = unsafe { &*(self.base.add(byte) as *const std::sync::atomic::AtomicU8) };
+        a.load(std::sync::atomic::Ordering::Relaxed) & (1 << (page % 8)) != 0
+    }
+}
+
+impl GuestMemory {
+    /// Guest address of host address `p`, if it lies in a region.
+    pub fn host_to_gpa(&self, p: *const u8) -> Option<u64> {
+        let a = p as usize;
+        self.regions.iter().find_map(|r| {
+            let start = r.host as usize;
+            let size = usize::try_from(r.size).ok()?;
+            (a >= start && a - start < size).then(|| r.gpa + (a - start) as u64)
+        })
+    }
+
+    /// Marks in `log` every guest page `iovs` covers (buffers the device wrote).
+    pub fn mark_dirty(&self, log: &DirtyLog, iovs: &IoVecs) {
+        for s in iovs.as_slice() {
+            if let Some(gpa) = self.host_to_gpa(s.iov_base.cast::<u8>()) {
+                log.mark(gpa, s.iov_len as u64);
+            }
+        }
+    }
+}

@@ -25,6 +25,8 @@ pub struct AppOptions {
     pub max_request: usize,
     /// Permissions of vhost-user and vfio-user sockets.
     pub socket_mode: u32,
+    /// Offer dirty logging so VMs can be live-migrated.
+    pub live_migration: bool,
 }
 
 impl Default for AppOptions {
@@ -34,6 +36,7 @@ impl Default for AppOptions {
             socket_dir: "/var/tmp".into(),
             max_request: 4 << 20,
             socket_mode: 0o660,
+            live_migration: true,
         }
     }
 }
@@ -72,7 +75,12 @@ impl App {
     /// Creates the application over started reactors. The receiver yields the shutdown request.
     pub fn new(opts: AppOptions, reactors: Reactors) -> (Arc<App>, Receiver<Shutdown>) {
         let (tx, rx) = mpsc::channel();
-        let vhost = VhostManager::new(opts.socket_dir.clone(), opts.socket_mode, reactors.handles().to_vec());
+        let vhost = VhostManager::new(
+            opts.socket_dir.clone(),
+            opts.socket_mode,
+            reactors.handles().to_vec(),
+            opts.live_migration,
+        );
         let app = Arc::new(App {
             opts,
             reactors,

@@ -33,11 +33,13 @@ pub struct BlkDevice {
     pub bdev: Arc<Bdev>,
     pub readonly: bool,
     pub num_queues: u16,
+    /// The controller's name: the owner its queues activate the bdev as.
+    pub owner: String,
 }
 
 impl BlkDevice {
-    pub fn new(bdev: Arc<Bdev>, readonly: bool, num_queues: u16) -> Self {
-        Self { bdev, readonly, num_queues }
+    pub fn new(bdev: Arc<Bdev>, readonly: bool, num_queues: u16, owner: &str) -> Self {
+        Self { bdev, readonly, num_queues, owner: owner.to_string() }
     }
 
     fn ro(&self) -> bool {
@@ -110,6 +112,8 @@ struct Req {
     status: IoVecs,
     /// Bytes written to the driver on success (data + status).
     written: u32,
+    /// Data buffers the device writes (reads), for migration dirty logging.
+    data_in: Option<IoVecs>,
 }
 
 /// Per-queue virtio-blk handler.
@@ -137,6 +141,7 @@ impl BlkHandler {
     fn finish(core: &mut QueueCore, head: u16, ndesc: u16, status_iov: &IoVecs, status: u32, written: u32) {
         let byte = u8::try_from(status).unwrap_or(1); // VIRTIO_BLK_S_IOERR
         status_iov.copy_from(&[byte]);
+        core.mark_written(status_iov);
         core.complete(head, ndesc, written);
     }
 
@@ -213,12 +218,14 @@ impl QueueHandler for BlkHandler {
         let rtype = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
         let data_in_len = wlen - 1;
+        let mut data_in = None;
         let op = match rtype {
             VIRTIO_BLK_T_IN => {
                 let Some((off, n)) = self.blocks(sector, data_in_len) else {
                     return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_IOERR, 1);
                 };
                 let iovs = chain.writable.sub(0, data_in_len).unwrap_or_default();
+                data_in = Some(chain.writable.sub(0, data_in_len).unwrap_or_default());
                 (IoOp::Read { offset_blocks: off, num_blocks: n, iovs }, u32::try_from(wlen).unwrap_or(u32::MAX))
             }
             VIRTIO_BLK_T_OUT => {
@@ -244,6 +251,7 @@ impl QueueHandler for BlkHandler {
                 buf[..id.len()].copy_from_slice(&id);
                 let n = usize::try_from(data_in_len).unwrap_or(0).min(GET_ID_BYTES);
                 chain.writable.copy_from(&buf[..n]);
+                core.mark_written(&chain.writable);
                 let written = u32::try_from(n).unwrap_or(0) + 1;
                 return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_OK, written);
             }
@@ -270,7 +278,7 @@ impl QueueHandler for BlkHandler {
         if let IoOp::Read { num_blocks: 0, .. } | IoOp::Write { num_blocks: 0, .. } = op {
             return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_OK, written);
         }
-        self.reqs[usize::from(head)] = Some(Req { ndesc, status, written });
+        self.reqs[usize::from(head)] = Some(Req { ndesc, status, written, data_in });
         if let Some(result) = self.ch.try_submit(op, IoCallback { sink: me.clone(), tag: u64::from(head) }) {
             // Completed at once (RAM or null bdev, or refused): answer without a callback.
             self.io_done(core, u64::from(head), result);
@@ -285,6 +293,10 @@ impl QueueHandler for BlkHandler {
         let head = u16::try_from(tag).unwrap_or(0);
         let status = Self::status_of(&result);
         let written = if result.is_ok() { req.written } else { 1 };
+        if let Some(d) = &req.data_in {
+            // io_uring wrote these pages behind our back: log them before the driver sees them.
+            core.mark_written(d);
+        }
         Self::finish(core, head, req.ndesc, &req.status, status, written);
     }
 }

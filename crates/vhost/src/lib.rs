@@ -83,8 +83,21 @@ impl VirtioBackend for BlkDevice {
         size: u16,
         features: u64,
     ) -> Result<Box<dyn QueueHandler>, String> {
-        let dev = Arc::new(BlkDevice::new(self.bdev.clone(), self.readonly, self.num_queues));
-        Ok(Box::new(blk::BlkHandler::new(dev, r, size, features).map_err(|e| e.to_string())?))
+        self.bdev.activate(&self.owner).map_err(|other| {
+            format!("bdev {} is in use by controller {other}: one side of a handover runs at a time", self.bdev.name())
+        })?;
+        let dev = Arc::new(BlkDevice::new(self.bdev.clone(), self.readonly, self.num_queues, &self.owner));
+        match blk::BlkHandler::new(dev, r, size, features) {
+            Ok(h) => Ok(Box::new(h)),
+            Err(e) => {
+                self.bdev.deactivate(&self.owner);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn queue_stopped(&self, _index: u16) {
+        self.bdev.deactivate(&self.owner);
     }
 }
 
@@ -107,7 +120,7 @@ pub enum VhostError {
 
 /// Which device a controller is.
 pub enum DeviceKind {
-    Blk { bdev: Arc<Bdev>, readonly: bool },
+    Blk { bdev: Arc<Bdev>, readonly: bool, shared: bool },
     Scsi { dev: Arc<scsi::ScsiDevice> },
 }
 
@@ -118,6 +131,8 @@ pub struct CtrlShared {
     pub reactors: Vec<ReactorHandle>,
     pub packed: bool,
     pub coalescing: Arc<Coalescing>,
+    /// Offer dirty logging (VHOST_F_LOG_ALL, LOG_SHMFD): without it QEMU refuses to migrate.
+    pub migration: bool,
     connected: AtomicBool,
     started_queues: AtomicUsize,
 }
@@ -155,8 +170,8 @@ impl Controller {
     /// SPDK's `vhost_get_controllers` entry.
     pub fn info(&self) -> Value {
         let backend = match &self.kind {
-            DeviceKind::Blk { bdev, readonly } => json!({
-                "block": { "readonly": readonly, "bdev": bdev.name(), "transport": "vhost_user_blk" }
+            DeviceKind::Blk { bdev, readonly, shared } => json!({
+                "block": { "readonly": readonly, "bdev": bdev.name(), "transport": "vhost_user_blk", "shared": shared }
             }),
             DeviceKind::Scsi { dev } => dev.info(),
         };
@@ -176,16 +191,19 @@ impl Controller {
     pub fn config(&self) -> Vec<Value> {
         let mut out = Vec::new();
         match &self.kind {
-            DeviceKind::Blk { bdev, readonly } => out.push(json!({
-                "method": "vhost_create_blk_controller",
-                "params": {
+            DeviceKind::Blk { bdev, readonly, shared } => {
+                let mut p = json!({
                     "ctrlr": self.name(),
                     "dev_name": bdev.name(),
                     "readonly": readonly,
                     "packed_ring": self.shared.packed,
                     "cpumask": self.cpumask.to_hex(),
+                });
+                if *shared {
+                    p["shared"] = json!(true);
                 }
-            })),
+                out.push(json!({ "method": "vhost_create_blk_controller", "params": p }))
+            }
             DeviceKind::Scsi { dev } => {
                 out.push(json!({
                     "method": "vhost_create_scsi_controller",
@@ -231,7 +249,10 @@ impl Controller {
             let _ = std::fs::remove_file(&self.socket);
         }
         match &self.kind {
-            DeviceKind::Blk { bdev, .. } => bdev.release(&self.claim_owner()),
+            DeviceKind::Blk { bdev, .. } => {
+                bdev.deactivate(&self.claim_owner());
+                bdev.release(&self.claim_owner())
+            }
             DeviceKind::Scsi { dev } => dev.release_all(),
         }
     }
@@ -312,6 +333,7 @@ fn serve(shared: Arc<CtrlShared>, listener: UnixListener, stop: Arc<AtomicBool>,
 pub struct VhostManager {
     socket_dir: PathBuf,
     socket_mode: u32,
+    migration: bool,
     reactors: Vec<ReactorHandle>,
     ctrls: Mutex<BTreeMap<String, Arc<Controller>>>,
     order: Mutex<Vec<String>>,
@@ -329,11 +351,22 @@ pub struct BlkOptions {
     pub readonly: bool,
     pub packed_ring: bool,
     pub cpumask: Option<CpuMask>,
+    /// Share the bdev with other controllers (live-migration handover: one side active at a
+    /// time); otherwise the controller claims it exclusively.
+    pub shared: bool,
 }
 
 impl VhostManager {
-    pub fn new(socket_dir: PathBuf, socket_mode: u32, reactors: Vec<ReactorHandle>) -> Self {
-        Self { socket_dir, socket_mode, reactors, ctrls: Mutex::new(BTreeMap::new()), order: Mutex::new(Vec::new()) }
+    /// `migration`: offer dirty logging so VMs can be live-migrated.
+    pub fn new(socket_dir: PathBuf, socket_mode: u32, reactors: Vec<ReactorHandle>, migration: bool) -> Self {
+        Self {
+            socket_dir,
+            socket_mode,
+            migration,
+            reactors,
+            ctrls: Mutex::new(BTreeMap::new()),
+            order: Mutex::new(Vec::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Controller>>> {
@@ -382,10 +415,10 @@ impl VhostManager {
     pub fn create_blk(&self, name: &str, bdev: Arc<Bdev>, o: BlkOptions) -> Result<(), VhostError> {
         let path = self.check_name(name)?;
         let (cpumask, reactors) = self.reactors_for(o.cpumask.as_ref())?;
-        let backend = Arc::new(BlkDevice::new(bdev.clone(), o.readonly, MAX_QUEUES));
-        let kind = DeviceKind::Blk { bdev: bdev.clone(), readonly: o.readonly };
         let owner = format!("vhost:{name}");
-        bdev.claim(&owner, true)?;
+        let backend = Arc::new(BlkDevice::new(bdev.clone(), o.readonly, MAX_QUEUES, &owner));
+        let kind = DeviceKind::Blk { bdev: bdev.clone(), readonly: o.readonly, shared: o.shared };
+        bdev.claim(&owner, !o.shared)?;
         match self.start(name, path, cpumask, reactors, backend, kind, o.packed_ring) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -427,6 +460,7 @@ impl VhostManager {
             reactors,
             packed,
             coalescing: Arc::new(Coalescing::default()),
+            migration: self.migration,
             connected: AtomicBool::new(false),
             started_queues: AtomicUsize::new(0),
         });

@@ -85,6 +85,8 @@ pub struct QueueCore {
     resubmit: VecDeque<u16>,
     /// Keeps the in-flight region mapped while the ring records into it.
     _inflight: Option<Arc<InflightMap>>,
+    /// Migration dirty log, while the frontend asks for logging (VHOST_F_LOG_ALL).
+    dirty: Option<Arc<vstor_mem::DirtyLog>>,
     /// Requests completed on this queue.
     pub completed: u64,
 }
@@ -103,6 +105,18 @@ impl QueueCore {
         if self.inflight <= self.parked && self.stopping {
             if let Some(tx) = self.drained.take() {
                 let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Marks, in the migration dirty log if one is active, the guest pages of buffers the device
+    /// wrote. Free when logging is off.
+    #[inline]
+    pub fn mark_written(&self, iovs: &vstor_bdev::IoVecs) {
+        if let Some(log) = &self.dirty {
+            self.vq.memory().mark_dirty(log, iovs);
+            for m in &self.retired_mem {
+                m.mark_dirty(log, iovs);
             }
         }
     }
@@ -256,6 +270,8 @@ pub struct QueueStart {
     pub inflight: Option<Arc<InflightMap>>,
     /// Negotiated features (recorded in the in-flight region).
     pub features: u64,
+    /// Dirty log and the guest address to log used-ring writes at, if logging is on.
+    pub dirty: Option<(Arc<vstor_mem::DirtyLog>, u64)>,
 }
 
 /// The poller registered on the queue's reactor.
@@ -334,10 +350,13 @@ impl VirtqPoller {
             retired_mem: Vec::new(),
             resubmit,
             _inflight: inflight_map,
+            dirty: None,
             completed: 0,
         };
         let cell = Rc::new(QueueCell(RefCell::new(QueueState { core, handler })));
-        Ok(Self { cell, kick_fd })
+        let mut p = Self { cell, kick_fd };
+        p.set_dirty_log(s.dirty);
+        Ok(p)
     }
 
     /// Switches to a new memory table. In-flight requests keep the old snapshot alive.
@@ -351,6 +370,13 @@ impl VirtqPoller {
         if let Err(e) = core.vq.set_memory(mem) {
             core.mark_broken(&e);
         }
+    }
+
+    /// Starts or stops migration dirty logging.
+    pub fn set_dirty_log(&mut self, log: Option<(Arc<vstor_mem::DirtyLog>, u64)>) {
+        let mut st = self.cell.0.borrow_mut();
+        st.core.dirty = log.as_ref().map(|(l, _)| l.clone());
+        st.core.vq.set_dirty_log(log);
     }
 
     /// Replaces the call (interrupt) eventfd. The new one is signalled once: an interrupt sent

@@ -413,6 +413,8 @@ struct Req {
     target: usize,
     resp: vstor_bdev::IoVecs,
     data_in_total: u64,
+    /// The data-in buffers, for migration dirty logging.
+    data_in: vstor_bdev::IoVecs,
 }
 
 /// Serves commands on one request queue.
@@ -492,6 +494,7 @@ impl RequestHandler {
             b[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
         }
         resp.copy_from(&b);
+        core.mark_written(resp);
         core.complete(head, ndesc, u32::try_from(RESP_HDR).unwrap_or(0) + r.data_in_len);
     }
 
@@ -500,6 +503,7 @@ impl RequestHandler {
         let mut b = [0u8; RESP_HDR_LEN];
         b[11] = S_BAD_TARGET;
         resp.copy_from(&b);
+        core.mark_written(resp);
         let _ = r;
         core.complete(head, ndesc, u32::try_from(RESP_HDR).unwrap_or(0));
     }
@@ -542,15 +546,19 @@ impl QueueHandler for RequestHandler {
         let data_out = chain.readable.sub(REQ_HDR, rlen - REQ_HDR).unwrap_or_default();
         let data_in = chain.writable.sub(RESP_HDR, wlen - RESP_HDR).unwrap_or_default();
         let data_in_total = data_in.total_len();
+        let data_in_copy = data_in.sub(0, data_in_total).unwrap_or_default();
         let task = ScsiTask::new(&hdr[19..51], data_out, data_in);
         if lun_num != 0 || lun[4..8] != [0, 0, 0, 0] {
             let r = lun_not_present(&task);
+            if r.data_in_len > 0 {
+                core.mark_written(&data_in_copy);
+            }
             let resid = u32::try_from(data_in_total.saturating_sub(u64::from(r.data_in_len))).unwrap_or(0);
             return Self::respond(core, head, ndesc, &resp, &r, resid, S_OK);
         }
         let Some(t) = self.targets[target].as_mut() else { return Self::bad_target(core, head, ndesc, &resp) };
         t.inflight += 1;
-        self.reqs[usize::from(head)] = Some(Req { ndesc, target, resp, data_in_total });
+        self.reqs[usize::from(head)] = Some(Req { ndesc, target, resp, data_in_total, data_in: data_in_copy });
         t.ch.submit(task, TaskCallback { sink: me.clone(), tag: u64::from(head) });
     }
 
@@ -569,6 +577,9 @@ impl QueueHandler for RequestHandler {
             return;
         };
         let head = u16::try_from(tag).unwrap_or(0);
+        if r.data_in_len > 0 {
+            core.mark_written(&req.data_in);
+        }
         let resid = u32::try_from(req.data_in_total.saturating_sub(u64::from(r.data_in_len))).unwrap_or(0);
         Self::respond(core, head, req.ndesc, &req.resp, &r, resid, S_OK);
         if let Some(t) = self.targets[req.target].as_mut() {
@@ -621,6 +632,7 @@ impl EventHandler {
                 self.missed = false;
             }
             buf.copy_from(&e);
+            core.mark_written(&buf);
             core.complete(head, ndesc, u32::try_from(EVENT_SIZE).unwrap_or(16));
         }
     }
@@ -683,12 +695,14 @@ impl QueueHandler for ControlHandler {
                     VIRTIO_SCSI_T_TMF_QUERY_TASK | VIRTIO_SCSI_T_TMF_QUERY_TASK_SET => {
                         // FUNCTION COMPLETE: no such task is known to be pending.
                         resp.copy_from(&[S_OK]);
+                        core.mark_written(&resp);
                         core.complete(head, ndesc, 1);
                     }
                     _ => {
                         // ABORT TASK and CLEAR ACA are refused; Linux escalates to a LUN reset,
                         // which waits for the command instead of racing its completion.
                         resp.copy_from(&[S_FUNCTION_REJECTED]);
+                        core.mark_written(&resp);
                         core.complete(head, ndesc, 1);
                     }
                 }
@@ -697,10 +711,12 @@ impl QueueHandler for ControlHandler {
                 // event_actual u32 = 0 (no asynchronous notifications), response u8 = OK
                 let resp = [0, 0, 0, 0, S_OK];
                 let n = chain.writable.copy_from(&resp);
+                core.mark_written(&chain.writable);
                 core.complete(head, ndesc, u32::try_from(n).unwrap_or(0));
             }
             _ => {
                 let n = chain.writable.copy_from(&[S_FAILURE]);
+                core.mark_written(&chain.writable);
                 core.complete(head, ndesc, u32::try_from(n).unwrap_or(0));
             }
         }
@@ -746,6 +762,7 @@ impl ControlHandler {
                                 p.with_handler(|core, _, _| {
                                     if let Some(SendIoVecs(v)) = lock(&resp).take() {
                                         v.copy_from(&[S_OK]);
+                                        core.mark_written(&v);
                                         core.complete(head, ndesc, 1);
                                     }
                                 });

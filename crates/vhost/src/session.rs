@@ -22,6 +22,8 @@ use crate::CtrlShared;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30, vhost-user only).
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL (bit 26): the frontend is migrating; log every guest page the device writes.
+pub const F_LOG_ALL: u64 = 1 << 26;
 /// Memory slots offered with CONFIGURE_MEM_SLOTS.
 pub const MAX_MEM_SLOTS: u64 = 509;
 /// How long a stop waits for in-flight requests before giving up on them.
@@ -38,6 +40,8 @@ struct Vring {
     num: u16,
     /// Frontend virtual addresses: descriptor, available (driver) and used (device) areas.
     addrs: Option<(u64, u64, u64)>,
+    /// Guest address to log used-ring writes at (SET_VRING_ADDR with the log flag).
+    log_addr: Option<u64>,
     base: u32,
     kick_set: bool,
     kick: Option<File>,
@@ -59,6 +63,8 @@ pub(crate) struct Session {
     mem: Arc<GuestMemory>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightMap>>,
+    /// The migration dirty log (SET_LOG_BASE).
+    log: Option<Arc<vstor_mem::DirtyLog>>,
     /// Set when a reply could not be produced: the connection is then closed, since the frontend
     /// would otherwise wait for an answer forever.
     pub close: bool,
@@ -76,6 +82,7 @@ impl Session {
             mem: Arc::new(GuestMemory::empty()),
             vrings,
             inflight: None,
+            log: None,
             close: false,
         }
     }
@@ -90,7 +97,31 @@ impl Session {
         if self.ctrl.packed {
             f |= vf::RING_PACKED;
         }
+        if self.ctrl.migration {
+            f |= F_LOG_ALL;
+        }
         f
+    }
+
+    /// The dirty log for ring `i`, while the frontend asks for logging.
+    fn dirty_for(&self, i: usize, addrs: Option<RingAddrs>) -> Option<(Arc<vstor_mem::DirtyLog>, u64)> {
+        if self.features & F_LOG_ALL == 0 {
+            return None;
+        }
+        let log = self.log.clone()?;
+        let v = &self.vrings[i];
+        let used = v.log_addr.or_else(|| addrs.map(|a| a.device))?;
+        Some((log, used))
+    }
+
+    /// Applies the current logging state to every running ring.
+    fn update_logging(&self) {
+        for i in 0..self.vrings.len() {
+            let Some((_, _, addrs)) = self.vrings[i].running.clone() else { continue };
+            let d = self.dirty_for(i, Some(addrs));
+            tracing::info!(ctrlr = %self.ctrl.name, queue = i, logging = d.is_some(), "dirty logging");
+            self.update_running(i, move |p| p.set_dirty_log(d));
+        }
     }
 
     fn ring(&mut self, index: u32) -> VuResult<&mut Vring> {
@@ -147,15 +178,23 @@ impl Session {
             coalescing: self.ctrl.coalescing.clone(),
             inflight: self.inflight.clone(),
             features: self.features,
+            dirty: self.dirty_for(i, Some(addrs)),
         };
         let reactor = self.reactor_for(i);
         let backend = self.ctrl.backend.clone();
         let features = self.features;
         let id = reactor
             .call(move |r| -> Result<PollerId, String> {
-                let handler = backend.make_handler(r, start.index, start.params.size, features)?;
-                let p = VirtqPoller::new(start, handler, r.epoll()).map_err(|e| e.to_string())?;
-                Ok(r.add_poller(Box::new(p)))
+                let index = start.index;
+                let handler = backend.make_handler(r, index, start.params.size, features)?;
+                match VirtqPoller::new(start, handler, r.epoll()) {
+                    Ok(p) => Ok(r.add_poller(Box::new(p))),
+                    Err(e) => {
+                        // Undo what make_handler took (e.g. the bdev activation).
+                        backend.queue_stopped(index);
+                        Err(e.to_string())
+                    }
+                }
             })
             .map_err(|e| err(e.to_string()))?
             .map_err(|e| err(format!("starting vring {i}: {e}")))?;
@@ -238,6 +277,7 @@ impl Session {
         self.stop_all();
         self.mem = Arc::new(GuestMemory::empty());
         self.inflight = None;
+        self.log = None;
     }
 
     fn update_running(&self, i: usize, f: impl FnOnce(&mut VirtqPoller) + Send + 'static) {
@@ -281,7 +321,12 @@ impl VhostUserBackendReqHandlerMut for Session {
         if extra != 0 {
             return Err(err(format!("features {extra:#x} were not offered")));
         }
+        let logging_changed = (self.features ^ features) & F_LOG_ALL != 0;
         self.features = features;
+        if logging_changed {
+            // QEMU turns logging on (and off, when a migration is cancelled) on a running device.
+            self.update_logging();
+        }
         Ok(())
     }
 
@@ -316,13 +361,20 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
-        self.ring(index)?.addrs = Some((descriptor, available, used));
+        let v = self.ring(index)?;
+        v.addrs = Some((descriptor, available, used));
+        v.log_addr = flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG).then_some(log);
+        if v.running.is_some() {
+            // Only the logging address may change on a running ring (QEMU re-sends the address
+            // with the log flag when a migration starts).
+            self.update_logging();
+        }
         Ok(())
     }
 
@@ -380,7 +432,12 @@ impl VhostUserBackendReqHandlerMut for Session {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | if self.ctrl.migration {
+                VhostUserProtocolFeatures::LOG_SHMFD
+            } else {
+                VhostUserProtocolFeatures::empty()
+            })
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -505,8 +562,19 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(err("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        self.close = true;
-        Err(err("dirty logging was not offered"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        if !self.ctrl.migration {
+            self.close = true;
+            return Err(err("dirty logging was not offered"));
+        }
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let l = vstor_mem::DirtyLog::map(&file, size, offset).map_err(|e| {
+            self.close = true;
+            err(format!("dirty log: {e}"))
+        })?;
+        tracing::info!(ctrlr = %self.ctrl.name, bytes = size, "dirty log set");
+        self.log = Some(Arc::new(l));
+        self.update_logging();
+        Ok(())
     }
 }

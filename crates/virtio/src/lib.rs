@@ -250,6 +250,19 @@ impl Virtqueue {
         }
     }
 
+    /// Starts or stops migration dirty logging of the rings' device-written area. `log_gpa` is the
+    /// address the frontend asked writes to be logged at (split: the used ring; packed: ignored,
+    /// the descriptor ring is used).
+    pub fn set_dirty_log(&mut self, log: Option<(Arc<vstor_mem::DirtyLog>, u64)>) {
+        match self {
+            Virtqueue::Split(q) => q.set_dirty_log(log),
+            Virtqueue::Packed(q) => {
+                let ring = q.desc_area().0;
+                q.set_dirty_log(log.map(|(l, _)| (l, ring)))
+            }
+        }
+    }
+
     /// Guest-physical ranges of the areas the device writes (used ring / descriptor ring), for
     /// dirty logging.
     pub fn device_written_area(&self) -> (u64, u64) {

@@ -63,6 +63,7 @@ pub struct PackedQueue {
     signalled_used: u16,
     signalled_valid: bool,
     inflight: Vec<bool>,
+    dirty: Option<(Arc<vstor_mem::DirtyLog>, u64)>,
 }
 
 impl PackedQueue {
@@ -88,6 +89,7 @@ impl PackedQueue {
             signalled_used: next_avail,
             signalled_valid: false,
             inflight: vec![false; usize::from(p.size)],
+            dirty: None,
         };
         q.set_memory(mem)?;
         Ok(q)
@@ -232,6 +234,9 @@ impl PackedQueue {
         let flags = if self.used_wrap { F_AVAIL | F_USED } else { 0 };
         // SAFETY: the flags field of the same descriptor.
         unsafe { write::<u16>(self.desc.add(16 * slot + 14), flags.to_le()) };
+        if let Some((d, ring)) = &self.dirty {
+            d.mark(ring + 16 * slot as u64, 16);
+        }
         Self::advance(&mut self.next_used, &mut self.used_wrap, ndesc.clamp(1, self.p.size), self.p.size);
         if let Some(f) = self.inflight.get_mut(usize::from(id)) {
             *f = false;
@@ -287,6 +292,12 @@ impl PackedQueue {
 
     pub fn base(&self) -> u32 {
         u32::from(self.next_avail) | (u32::from(self.avail_wrap) << 15)
+    }
+
+    /// Starts (or stops) logging descriptor-ring writes (the packed ring is where used
+    /// elements go); `ring_gpa` is the descriptor ring's guest address.
+    pub fn set_dirty_log(&mut self, log: Option<(Arc<vstor_mem::DirtyLog>, u64)>) {
+        self.dirty = log;
     }
 
     pub fn desc_area(&self) -> (u64, u64) {

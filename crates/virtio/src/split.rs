@@ -66,6 +66,8 @@ pub struct SplitQueue {
     /// The shared in-flight record (vhost-user INFLIGHT_SHMFD), if the frontend gave one.
     log: Option<InflightSplit>,
     counter: u64,
+    /// Migration dirty log and the guest address to log used-ring writes at.
+    dirty: Option<(Arc<vstor_mem::DirtyLog>, u64)>,
 }
 
 impl SplitQueue {
@@ -86,6 +88,7 @@ impl SplitQueue {
             inflight: vec![false; usize::from(p.size)],
             log: None,
             counter: 0,
+            dirty: None,
         };
         q.set_memory(mem)?;
         // The used index in guest memory is where this device left off (0 on a fresh queue).
@@ -268,6 +271,10 @@ impl SplitQueue {
         fence(Ordering::Release);
         // SAFETY: `used + 2` is the used index, inside the ring.
         unsafe { write::<u16>(self.used.add(2), self.next_used.to_le()) };
+        if let Some((d, used)) = &self.dirty {
+            d.mark(used + 4 + 8 * slot as u64, 8);
+            d.mark(used + 2, 2);
+        }
         if let Some(l) = &self.log {
             l.post_put(head, self.next_used);
         }
@@ -318,6 +325,12 @@ impl SplitQueue {
 
     pub fn base(&self) -> u32 {
         u32::from(self.next_avail)
+    }
+
+    /// Starts (or stops, with `None`) logging used-ring writes; `used_gpa` is where the frontend
+    /// wants them logged (vhost-user `log_guest_addr`).
+    pub fn set_dirty_log(&mut self, log: Option<(Arc<vstor_mem::DirtyLog>, u64)>) {
+        self.dirty = log;
     }
 
     pub fn used_area(&self) -> (u64, u64) {

@@ -49,7 +49,8 @@ fn want_protocol(inflight: bool) -> VhostUserProtocolFeatures {
     let mut p = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     if inflight {
         p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     }
@@ -153,6 +154,36 @@ impl TestFrontend {
             let used = vstor_virtio::driver::r16(&self.mem, self.queues[q].d.used + 2);
             self.start_queue(q, used);
         }
+    }
+
+    /// Starts migration dirty logging as QEMU does: SET_LOG_BASE with a memfd bitmap, SET_FEATURES
+    /// with LOG_ALL, SET_VRING_ADDR with the log flag. Returns a view of the bitmap.
+    pub fn start_logging(&mut self) -> vstor_mem::DirtyLog {
+        let size = MEM_SIZE / 4096 / 8;
+        let file = memfd("dirty-log", size).unwrap();
+        let region = vhost::VhostUserDirtyLogRegion { mmap_size: size, mmap_offset: 0, mmap_handle: file.as_raw_fd() };
+        self.fe.set_log_base(0, Some(region)).unwrap();
+        self.features |= 1 << 26;
+        self.fe.set_features(self.features).unwrap();
+        for (q, Queue { d, .. }) in self.queues.iter().enumerate() {
+            let cfg = VringConfigData {
+                queue_max_size: d.size,
+                queue_size: d.size,
+                flags: 1,
+                desc_table_addr: d.desc,
+                used_ring_addr: d.used,
+                avail_ring_addr: d.avail,
+                log_addr: Some(d.used),
+            };
+            self.fe.set_vring_addr(q, &cfg).unwrap();
+        }
+        vstor_mem::DirtyLog::map(&file, size, 0).unwrap()
+    }
+
+    /// Ends logging (a cancelled migration): SET_FEATURES without LOG_ALL.
+    pub fn stop_logging(&mut self) {
+        self.features &= !(1 << 26);
+        self.fe.set_features(self.features).unwrap();
     }
 
     /// Device config bytes.

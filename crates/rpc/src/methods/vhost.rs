@@ -85,6 +85,9 @@ struct CreateBlk {
     packed_ring: bool,
     cpumask: Option<String>,
     transport: Option<String>,
+    /// vstor: share the bdev with another controller (migration source and destination).
+    #[serde(default)]
+    shared: bool,
 }
 
 fn vhost_create_blk_controller(app: &Arc<App>, p: CreateBlk) -> Result<Value, RpcError> {
@@ -94,7 +97,12 @@ fn vhost_create_blk_controller(app: &Arc<App>, p: CreateBlk) -> Result<Value, Rp
         }
     }
     let bdev = app.bdevs.lookup(&p.dev_name).map_err(|e| RpcError::errno(libc::ENODEV, format!("dev_name: {e}")))?;
-    let o = BlkOptions { readonly: p.readonly, packed_ring: p.packed_ring, cpumask: parse_mask(p.cpumask.as_deref())? };
+    let o = BlkOptions {
+        readonly: p.readonly,
+        packed_ring: p.packed_ring,
+        cpumask: parse_mask(p.cpumask.as_deref())?,
+        shared: p.shared,
+    };
     app.vhost.create_blk(&p.ctrlr, bdev, o)?;
     Ok(json!(true))
 }

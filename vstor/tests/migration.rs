@@ -1,0 +1,95 @@
+//! Live-migration support seen from a scripted frontend: dirty logging of every guest page the
+//! device writes, turning it off again, one bdev shared by two controllers with one active at a
+//! time, and the masking option.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::frontend::*;
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+
+fn read_req(f: &mut TestFrontend, head: u16, base: u64, sector: u64) -> (u64, u64) {
+    f.write(base, &blk_header(0, sector));
+    let data = base + 0x4000;
+    let status = base + 0x9000;
+    f.queues[0].d.add(head, &[(base, 16, false), (data, 4096, true), (status, 1, true)]);
+    f.queues[0].kick.write(1).unwrap();
+    (data, status)
+}
+
+#[test]
+fn every_page_the_device_writes_is_logged_while_logging_is_on() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0x77u8; 1 << 20]).unwrap();
+    let d = Daemon::start_in(dir, &[]);
+    d.rpc_ok("bdev_uring_create", json!({"name": "U0", "filename": img.to_str().unwrap()}));
+    d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": "vb", "dev_name": "U0"}));
+    let mut f = TestFrontend::connect(&d.dir.path().join("vb"), 1, 64, EVENT_IDX);
+    // Before logging: nothing is marked (there is no log yet).
+    let log = f.start_logging();
+    let base = DATA + 0x10_0000;
+    let (data, status) = read_req(&mut f, 0, base, 0);
+    f.wait_used(0, 1, T);
+    assert_eq!(f.read(data, 4), vec![0x77; 4], "io_uring read the file into guest memory");
+    let used = f.queues[0].d.used;
+    assert!(log.is_dirty(data), "data written by io_uring is logged");
+    assert!(log.is_dirty(status), "the status byte is logged");
+    assert!(log.is_dirty(used), "the used ring is logged");
+    assert!(!log.is_dirty(base), "the request header (read by the device) is not");
+    assert!(!log.is_dirty(DATA + 0x30_0000), "untouched memory is not");
+    // A cancelled migration: logging off, later writes are not logged.
+    f.stop_logging();
+    let base2 = DATA + 0x20_0000;
+    let (data2, status2) = read_req(&mut f, 3, base2, 8);
+    f.wait_used(0, 1, T);
+    assert!(!log.is_dirty(data2) && !log.is_dirty(status2), "no logging after LOG_ALL is cleared");
+}
+
+#[test]
+fn one_bdev_on_two_controllers_runs_on_one_side_at_a_time() {
+    let d = Daemon::start(&[]);
+    d.rpc_ok("bdev_malloc_create", json!({"name": "M0", "num_blocks": 2048, "block_size": 512}));
+    d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": "src", "dev_name": "M0", "shared": true}));
+    d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": "dst", "dev_name": "M0", "shared": true}));
+    let e = d.rpc("vhost_create_blk_controller", json!({"ctrlr": "x", "dev_name": "M0"})).unwrap_err();
+    assert_eq!(e["code"], -libc::EBUSY, "an exclusive claim is refused while shared claims exist: {e}");
+    let mut src = TestFrontend::connect(&d.dir.path().join("src"), 1, 64, EVENT_IDX);
+    let (_, status) = read_req(&mut src, 0, DATA, 0);
+    src.wait_used(0, 1, T);
+    assert_eq!(src.read(status, 1), vec![0]);
+    // The destination cannot start its rings while the source runs: its requests are not served...
+    let mut early = TestFrontend::connect(&d.dir.path().join("dst"), 1, 64, EVENT_IDX);
+    let _ = read_req(&mut early, 0, DATA, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(early.queues[0].d.used().is_empty(), "the second side must not run while the first is active");
+    assert!(d.log().contains("one side of a handover runs at a time"), "{}", d.log());
+    drop(early);
+    // ...and are once the source stopped (GET_VRING_BASE, as QEMU does when the source VM stops).
+    vhost::VhostBackend::get_vring_base(&src.fe, 0).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut dst = TestFrontend::connect(&d.dir.path().join("dst"), 1, 64, EVENT_IDX);
+    let (_, status) = read_req(&mut dst, 0, DATA, 0);
+    dst.wait_used(0, 1, T);
+    assert_eq!(dst.read(status, 1), vec![0]);
+}
+
+#[test]
+fn without_live_migration_no_dirty_logging_is_offered() {
+    let d = Daemon::start(&["--no-live-migration"]);
+    d.rpc_ok("bdev_null_create", json!({"name": "N0", "num_blocks": 2048, "block_size": 512}));
+    d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": "vb", "dev_name": "N0"}));
+    let fe = vhost::vhost_user::Frontend::connect(d.dir.path().join("vb"), 1).unwrap();
+    vhost::VhostBackend::set_owner(&fe).unwrap();
+    let features = vhost::VhostBackend::get_features(&fe).unwrap();
+    assert_eq!(features & (1 << 26), 0, "VHOST_F_LOG_ALL must not be offered");
+    let mut fe = fe;
+    vhost::VhostBackend::set_features(&fe, features).unwrap();
+    let pf = vhost::vhost_user::VhostUserFrontend::get_protocol_features(&mut fe).unwrap();
+    assert!(!pf.contains(vhost::vhost_user::message::VhostUserProtocolFeatures::LOG_SHMFD));
+}
