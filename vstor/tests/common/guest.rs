@@ -68,6 +68,8 @@ pub struct GuestOpts {
     pub devices: Vec<String>,
     pub timeout: Duration,
     pub extra: Vec<String>,
+    /// Console file name (default: console-<test>.log).
+    pub console: Option<String>,
 }
 
 impl GuestOpts {
@@ -82,6 +84,7 @@ impl GuestOpts {
             devices: Vec::new(),
             timeout: Duration::from_secs(600),
             extra: Vec::new(),
+            console: None,
         }
     }
 
@@ -144,6 +147,17 @@ impl RunningGuest {
         false
     }
 
+    /// Whether QEMU has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
+    /// Kills QEMU (after a migration, the paused source).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the guest to power off and collects its results.
     pub fn finish(mut self) -> GuestRun {
         let status = loop {
@@ -163,7 +177,7 @@ impl RunningGuest {
 
 /// Boots a guest and returns at once.
 pub fn spawn(o: &GuestOpts, workdir: &Path) -> RunningGuest {
-    let console = workdir.join(format!("console-{}.log", o.test));
+    let console = workdir.join(o.console.clone().unwrap_or_else(|| format!("console-{}.log", o.test)));
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-nodefaults", "-display", "none"])
         .args(["-smp", &o.smp.to_string(), "-m", &format!("{}M", o.mem_mb)])

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub mod frontend;
 pub mod guest;
+pub mod qmp;
 
 use serde_json::{json, Value};
 

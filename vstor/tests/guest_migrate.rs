@@ -1,0 +1,110 @@
+//! Live migration of a QEMU 7.2 guest (TCG) whose disk vstor serves: two migrations, one while the
+//! guest writes and one while it reads back and verifies, over slow storage (a delay bdev) so
+//! requests are in flight when QEMU stops the rings.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::guest::{self, GuestOpts, RunningGuest};
+use common::qmp::Qmp;
+use common::*;
+use serde_json::json;
+
+fn vm(dir: &Path, n: u32, sock: &Path, incoming: bool) -> (RunningGuest, Qmp) {
+    let mut o = GuestOpts::new("blk_migrate").blk(sock, ",num-queues=1");
+    o.mem_mb = 512;
+    o.console = Some(format!("console-{n}.log"));
+    let qmp = dir.join(format!("qmp-{n}.sock"));
+    o.extra = vec!["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())];
+    if incoming {
+        o.extra.extend(["-incoming".into(), "defer".into()]);
+    }
+    let g = guest::spawn(&o, dir);
+    let q = Qmp::connect(&qmp);
+    (g, q)
+}
+
+/// Migrates from `src` to `dst` over a UNIX socket; returns (total ms, downtime ms).
+fn migrate(dir: &Path, n: u32, src: &mut Qmp, dst: &mut Qmp) -> (u64, u64) {
+    let uri = format!("unix:{}", dir.join(format!("mig-{n}.sock")).display());
+    for q in [&mut *src, &mut *dst] {
+        q.cmd("migrate-set-parameters", json!({"max-bandwidth": 8u64 << 30}));
+    }
+    dst.cmd("migrate-incoming", json!({"uri": uri}));
+    src.cmd("migrate", json!({"uri": uri}));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let st = src.cmd("query-migrate", json!({}));
+        match st["status"].as_str() {
+            Some("completed") => {
+                return (st["total-time"].as_u64().unwrap_or(0), st["downtime"].as_u64().unwrap_or(0));
+            }
+            Some("failed") | Some("cancelled") => panic!("migration {n} failed: {st}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "migration {n} did not complete: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_inflight(d: &Daemon, what: &str, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = d.rpc_ok("bdev_get_iostat", json!({"names": ["D0"]}));
+        let b = &st["bdevs"][0];
+        if b["queue_depth"].as_u64().unwrap_or(0) > 0 && b[key].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {what} in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn guest_survives_migration_while_writing_and_while_reading_back() {
+    if !guest::available() {
+        return;
+    }
+    let _g = guest::GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let d = Daemon::start_in(dir, &["--cpumask", "0x3"]);
+    let dir = d.dir.path().to_path_buf();
+    d.rpc_ok("bdev_uring_create", json!({"name": "U0", "filename": img.to_str().unwrap()}));
+    d.rpc_ok(
+        "bdev_delay_create",
+        // 12 ms per request at QD 16: each fio phase takes ~10 s, long enough to migrate during it.
+        json!({"name": "D0", "base_bdev_name": "U0", "avg_read_latency": 12000, "p99_read_latency": 12000,
+               "avg_write_latency": 12000, "p99_write_latency": 12000}),
+    );
+    for c in ["mig-a", "mig-b"] {
+        d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": c, "dev_name": "D0", "shared": true}));
+    }
+    let (a, b) = (dir.join("mig-a"), dir.join("mig-b"));
+
+    let (mut g1, mut q1) = vm(&dir, 1, &a, false);
+    assert!(g1.wait_for("phase: write", Duration::from_secs(300)), "{}", g1.console());
+    wait_inflight(&d, "write", "num_write_ops");
+    let (mut g2, mut q2) = vm(&dir, 2, &b, true);
+    let (t1, down1) = migrate(&dir, 1, &mut q1, &mut q2);
+    let _ = q1.try_cmd("quit", json!({}));
+    g1.kill();
+    eprintln!("migration 1 (writing): {t1} ms total, {down1} ms downtime");
+
+    assert!(g2.wait_for("phase: verify", Duration::from_secs(300)), "{}", g2.console());
+    wait_inflight(&d, "read", "num_read_ops");
+    let (g3, mut q3) = vm(&dir, 3, &a, true);
+    let (t2, down2) = migrate(&dir, 2, &mut q2, &mut q3);
+    let _ = q2.try_cmd("quit", json!({}));
+    g2.kill();
+    eprintln!("migration 2 (verifying): {t2} ms total, {down2} ms downtime");
+
+    let r = g3.finish();
+    r.assert_ok(1);
+    assert!(r.console.contains("migration workload verified"), "{}", r.tail(40));
+    let log = d.log();
+    assert!(log.contains("dirty log set") && log.contains("logging=true"), "QEMU logged dirty pages through vstor");
+}
