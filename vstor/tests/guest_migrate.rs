@@ -1,6 +1,6 @@
-//! Live migration of a QEMU 7.2 guest (TCG) whose disk vstor serves: two migrations, one while the
-//! guest writes and one while it reads back and verifies, over slow storage (a delay bdev) so
-//! requests are in flight when QEMU stops the rings.
+//! Live migration of a QEMU 7.2 guest (TCG) whose disk vstor serves: two migrations, a precopy one
+//! while the guest writes and a postcopy one while it reads back and verifies, over slow storage
+//! (a delay bdev) so requests are in flight when QEMU stops the rings.
 
 mod common;
 
@@ -27,17 +27,32 @@ fn vm(dir: &Path, n: u32, sock: &Path, incoming: bool) -> (RunningGuest, Qmp) {
 }
 
 /// Migrates from `src` to `dst` over a UNIX socket; returns (total ms, downtime ms).
-fn migrate(dir: &Path, n: u32, src: &mut Qmp, dst: &mut Qmp) -> (u64, u64) {
+///
+/// With `postcopy`, the copy is throttled so most of memory is still on the source when the
+/// destination is started (migrate-start-postcopy): its pages then arrive on first touch, by
+/// QEMU's or by vstor's (through the userfaultfd vstor registered).
+fn migrate(dir: &Path, n: u32, src: &mut Qmp, dst: &mut Qmp, postcopy: bool) -> (u64, u64) {
     let uri = format!("unix:{}", dir.join(format!("mig-{n}.sock")).display());
     for q in [&mut *src, &mut *dst] {
-        q.cmd("migrate-set-parameters", json!({"max-bandwidth": 8u64 << 30}));
+        let bw: u64 = if postcopy { 16 << 20 } else { 8 << 30 };
+        q.cmd("migrate-set-parameters", json!({"max-bandwidth": bw}));
+        if postcopy {
+            q.cmd("migrate-set-capabilities", json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}));
+        }
     }
     dst.cmd("migrate-incoming", json!({"uri": uri}));
     src.cmd("migrate", json!({"uri": uri}));
+    if postcopy {
+        std::thread::sleep(Duration::from_millis(500));
+        src.cmd("migrate-start-postcopy", json!({}));
+    }
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen_postcopy = false;
     loop {
         let st = src.cmd("query-migrate", json!({}));
+        seen_postcopy |= st["status"].as_str().is_some_and(|s| s.starts_with("postcopy"));
         match st["status"].as_str() {
+            Some("completed") if postcopy && !seen_postcopy => panic!("migration {n} completed without postcopy: {st}"),
             Some("completed") => {
                 return (st["total-time"].as_u64().unwrap_or(0), st["downtime"].as_u64().unwrap_or(0));
             }
@@ -63,7 +78,7 @@ fn wait_inflight(d: &Daemon, what: &str, key: &str) {
 }
 
 #[test]
-fn guest_survives_migration_while_writing_and_while_reading_back() {
+fn guest_survives_precopy_migration_while_writing_and_postcopy_while_reading_back() {
     if !guest::available() {
         return;
     }
@@ -89,7 +104,7 @@ fn guest_survives_migration_while_writing_and_while_reading_back() {
     assert!(g1.wait_for("phase: write", Duration::from_secs(300)), "{}", g1.console());
     wait_inflight(&d, "write", "num_write_ops");
     let (mut g2, mut q2) = vm(&dir, 2, &b, true);
-    let (t1, down1) = migrate(&dir, 1, &mut q1, &mut q2);
+    let (t1, down1) = migrate(&dir, 1, &mut q1, &mut q2, false);
     let _ = q1.try_cmd("quit", json!({}));
     g1.kill();
     eprintln!("migration 1 (writing): {t1} ms total, {down1} ms downtime");
@@ -97,14 +112,22 @@ fn guest_survives_migration_while_writing_and_while_reading_back() {
     assert!(g2.wait_for("phase: verify", Duration::from_secs(300)), "{}", g2.console());
     wait_inflight(&d, "read", "num_read_ops");
     let (g3, mut q3) = vm(&dir, 3, &a, true);
-    let (t2, down2) = migrate(&dir, 2, &mut q2, &mut q3);
+    let (t2, down2) = migrate(&dir, 2, &mut q2, &mut q3, true);
     let _ = q2.try_cmd("quit", json!({}));
     g2.kill();
-    eprintln!("migration 2 (verifying): {t2} ms total, {down2} ms downtime");
+    eprintln!("migration 2 (verifying, postcopy): {t2} ms total, {down2} ms downtime");
 
     let r = g3.finish();
     r.assert_ok(1);
     assert!(r.console.contains("migration workload verified"), "{}", r.tail(40));
     let log = d.log();
     assert!(log.contains("dirty log set") && log.contains("logging=true"), "QEMU logged dirty pages through vstor");
+    if vstor_mem::Userfault::available() {
+        let pc: Vec<&str> = log.lines().filter(|l| l.contains("postcopy") || l.contains("memory table")).collect();
+        assert!(
+            log.contains("postcopy: memory registered with userfaultfd"),
+            "postcopy went through vstor's userfaultfd: {pc:#?}"
+        );
+        assert!(log.contains("postcopy ended"), "postcopy finished");
+    }
 }

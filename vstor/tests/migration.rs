@@ -5,11 +5,13 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::frontend::*;
 use common::*;
 use serde_json::json;
+use vhost::vhost_user::VhostUserFrontend;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -92,4 +94,73 @@ fn without_live_migration_no_dirty_logging_is_offered() {
     vhost::VhostBackend::set_features(&fe, features).unwrap();
     let pf = vhost::vhost_user::VhostUserFrontend::get_protocol_features(&mut fe).unwrap();
     assert!(!pf.contains(vhost::vhost_user::message::VhostUserProtocolFeatures::LOG_SHMFD));
+}
+
+/// Postcopy, as the destination vstor sees it: guest pages that have not arrived are missing from
+/// the shared memory; a request whose buffer is such a page waits (the reactor sleeps in the
+/// kernel) until the frontend has placed the page and woken it through the userfaultfd vstor gave
+/// it. The request then completes with the right data.
+#[test]
+fn postcopy_a_request_on_a_missing_page_waits_for_the_page() {
+    if !vstor_mem::Userfault::available() {
+        eprintln!("userfaultfd is not available here; skipping");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    d.rpc_ok("bdev_malloc_create", json!({"name": "M0", "num_blocks": 2048, "block_size": 512}));
+    d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": "vb", "dev_name": "M0"}));
+    // Put a pattern on the disk through a normal connection first.
+    let mut w = TestFrontend::connect(&d.dir.path().join("vb"), 1, 64, 0);
+    let base = DATA + 0x10_0000;
+    w.write(base, &blk_header(1, 8));
+    w.write(base + 0x4000, &[0x5a; 4096]);
+    w.queues[0].d.add(0, &[(base, 16, false), (base + 0x4000, 4096, false), (base + 0x9000, 1, true)]);
+    w.queues[0].kick.write(1).unwrap();
+    w.wait_used(0, 1, T);
+    assert_eq!(w.read(base + 0x9000, 1), vec![0]);
+    drop(w);
+
+    let mut f = TestFrontend::connect_postcopy(&d.dir.path().join("vb"), 1, 64, 0);
+    let (uffd, bases) = f.postcopy.take().unwrap();
+    let vstor_base = bases[0];
+    // The header and status pages arrived (the test writes them); the data page has not.
+    f.write(base + 0x9000, &[0xff]);
+    let (data, status) = read_req(&mut f, 0, base, 8);
+    let mut faults = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    while f.queues[0].d.used().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "request did not complete; faults seen: {faults:x?}");
+        let mut pfd = libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 50) } != 1 {
+            continue;
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads one 32-byte uffd_msg into `msg`.
+        if unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) } != 32 {
+            continue;
+        }
+        assert_eq!(msg[0], 0x12, "a page-fault event");
+        let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) & !4095;
+        let gpa = addr - vstor_base;
+        faults.push(gpa);
+        // The request cannot have completed while its page is missing.
+        assert_eq!(f.read(status, 1), vec![0xff], "status written before the page arrived");
+        // Place the page (here: zeroes through the frontend's own mapping), then wake vstor.
+        f.write(gpa, &[0]);
+        let mut range = [addr, 4096u64];
+        // SAFETY: UFFDIO_WAKE (_IOR(0xAA, 0x02, struct uffdio_range)) reads one 16-byte range.
+        assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), 0x8010_aa02, range.as_mut_ptr()) }, 0);
+    }
+    assert!(faults.contains(&(data & !4095)), "vstor faulted on the missing data page: {faults:x?}");
+    assert_eq!(f.read(status, 1), vec![0], "request succeeded");
+    assert_eq!(f.read(data, 4096), vec![0x5a; 4096], "the data reached the page once it was placed");
+    f.fe.postcopy_end().unwrap();
+    assert!(d.wait_log("postcopy ended", T), "POSTCOPY_END handled");
+    // After POSTCOPY_END nothing is registered: a new missing page is simply allocated.
+    let base2 = DATA + 0x30_0000;
+    let (data2, status2) = read_req(&mut f, 3, base2, 8);
+    f.wait_used(0, 1, T);
+    assert_eq!(f.read(status2, 1), vec![0]);
+    assert_eq!(f.read(data2, 4096), vec![0x5a; 4096]);
 }

@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use vstor_bdev::IoVecs;
 
+mod uffd;
+pub use uffd::Userfault;
+
 /// Most regions one memory table may have (vhost-user's slot limit as QEMU applies it).
 pub const MAX_REGIONS: usize = 512;
 
@@ -132,6 +135,13 @@ impl Region {
     /// Host address of the region's first byte.
     pub fn host(&self) -> *mut u8 {
         self.host
+    }
+
+    /// The page-aligned host range (start, length) of the mapping behind this region.
+    pub fn page_range(&self) -> (usize, usize) {
+        let page = usize::try_from(page_size()).unwrap_or(4096);
+        let len = self._map.len.div_ceil(page) * page;
+        (self._map.base as usize, len)
     }
 
     fn contains(&self, gpa: u64) -> bool {
@@ -280,72 +290,6 @@ pub fn memfd(name: &str, size: u64) -> std::io::Result<File> {
     Ok(f)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn region(f: &File, gpa: u64, size: u64, off: u64) -> Region {
-        Region::map(f, gpa, size, gpa + 0x7f00_0000_0000, off).unwrap()
-    }
-
-    #[test]
-    fn translation_stays_inside_regions() {
-        let f = memfd("t", 3 << 20).unwrap();
-        let m = GuestMemory::new(vec![region(&f, 0, 1 << 20, 0), region(&f, 1 << 20, 1 << 20, 1 << 20)]).unwrap();
-        assert!(m.translate(0, 1 << 20).is_some());
-        assert!(m.translate(0, (1 << 20) + 1).is_none(), "a range crossing regions is not one pointer");
-        assert!(m.translate((2 << 20) - 1, 1).is_some());
-        assert!(m.translate(2 << 20, 1).is_none(), "past the last region");
-        assert!(m.translate(u64::MAX, 2).is_none(), "wrapping range");
-        assert!(m.translate(100, u64::MAX).is_none());
-        let mut iov = IoVecs::new();
-        m.append_iovecs((1 << 20) - 10, 20, &mut iov).unwrap();
-        assert_eq!((iov.len(), iov.total_len()), (2, 20), "adjacent regions split into two iovecs");
-        let mut iov = IoVecs::new();
-        assert!(m.append_iovecs((2 << 20) - 10, 20, &mut iov).is_err());
-    }
-
-    #[test]
-    fn data_written_through_one_region_reads_back_across_the_boundary() {
-        let f = memfd("t", 2 << 20).unwrap();
-        let m = GuestMemory::new(vec![region(&f, 0x1000_0000, 1 << 20, 0), region(&f, 0x1010_0000, 1 << 20, 1 << 20)])
-            .unwrap();
-        let data: Vec<u8> = (0..64u8).collect();
-        m.write(0x1010_0000 - 32, &data).unwrap();
-        let mut back = vec![0u8; 64];
-        m.read(0x1010_0000 - 32, &mut back).unwrap();
-        assert_eq!(back, data);
-        assert_eq!(m.va_to_gpa(0x7f00_0000_0000 + 0x1010_0004), Some(0x1010_0004));
-        assert!(m.translate_va(0x1234, 1).is_none());
-    }
-
-    #[test]
-    fn bad_tables_are_refused() {
-        let f = memfd("t", 2 << 20).unwrap();
-        let e = GuestMemory::new(vec![region(&f, 0, 1 << 20, 0), region(&f, 4096, 4096, 0)]).unwrap_err();
-        assert!(matches!(e, MemError::Overlap { .. }));
-        assert!(matches!(Region::map(&f, 0, 0, 0, 0), Err(MemError::BadSize { .. })));
-        assert!(matches!(Region::map(&f, u64::MAX - 10, 4096, 0, 0), Err(MemError::BadSize { .. })));
-        let e = Region::map(&f, 0, 4 << 20, 0, 0).unwrap_err();
-        assert!(matches!(e, MemError::FileTooSmall { .. }), "a file smaller than the region would SIGBUS");
-        assert!(matches!(Region::map(&f, 0, 4096, 0, u64::MAX - 5), Err(MemError::BadSize { .. })));
-        let a = Region::map(&f, 0, 4096, 0x5000, 0).unwrap();
-        let b = Region::map(&f, 0x10000, 4096, 0x5800, 0).unwrap();
-        assert!(matches!(GuestMemory::new(vec![a, b]).unwrap_err(), MemError::OverlapVa { .. }));
-    }
-
-    #[test]
-    fn unaligned_file_offsets_map_the_right_bytes() {
-        let f = memfd("t", 3 * 4096).unwrap();
-        let whole = GuestMemory::new(vec![region(&f, 0, 3 * 4096, 0)]).unwrap();
-        whole.write(4096 + 100, b"hello").unwrap();
-        let part = GuestMemory::new(vec![Region::map(&f, 0x9000, 1000, 0x9000, 4096 + 100).unwrap()]).unwrap();
-        let mut b = [0u8; 5];
-        part.read(0x9000, &mut b).unwrap();
-        assert_eq!(&b, b"hello");
-    }
-}
-
 /// The dirty-page log of a live migration (vhost-user LOG_SHMFD): a bitmap in a memfd shared
 /// with the frontend, one bit per 4 KiB guest page. Pages the backend writes into guest memory
 /// are marked, so the frontend copies them again.
@@ -427,5 +371,71 @@ impl GuestMemory {
                 log.mark(gpa, s.iov_len as u64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(f: &File, gpa: u64, size: u64, off: u64) -> Region {
+        Region::map(f, gpa, size, gpa + 0x7f00_0000_0000, off).unwrap()
+    }
+
+    #[test]
+    fn translation_stays_inside_regions() {
+        let f = memfd("t", 3 << 20).unwrap();
+        let m = GuestMemory::new(vec![region(&f, 0, 1 << 20, 0), region(&f, 1 << 20, 1 << 20, 1 << 20)]).unwrap();
+        assert!(m.translate(0, 1 << 20).is_some());
+        assert!(m.translate(0, (1 << 20) + 1).is_none(), "a range crossing regions is not one pointer");
+        assert!(m.translate((2 << 20) - 1, 1).is_some());
+        assert!(m.translate(2 << 20, 1).is_none(), "past the last region");
+        assert!(m.translate(u64::MAX, 2).is_none(), "wrapping range");
+        assert!(m.translate(100, u64::MAX).is_none());
+        let mut iov = IoVecs::new();
+        m.append_iovecs((1 << 20) - 10, 20, &mut iov).unwrap();
+        assert_eq!((iov.len(), iov.total_len()), (2, 20), "adjacent regions split into two iovecs");
+        let mut iov = IoVecs::new();
+        assert!(m.append_iovecs((2 << 20) - 10, 20, &mut iov).is_err());
+    }
+
+    #[test]
+    fn data_written_through_one_region_reads_back_across_the_boundary() {
+        let f = memfd("t", 2 << 20).unwrap();
+        let m = GuestMemory::new(vec![region(&f, 0x1000_0000, 1 << 20, 0), region(&f, 0x1010_0000, 1 << 20, 1 << 20)])
+            .unwrap();
+        let data: Vec<u8> = (0..64u8).collect();
+        m.write(0x1010_0000 - 32, &data).unwrap();
+        let mut back = vec![0u8; 64];
+        m.read(0x1010_0000 - 32, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(m.va_to_gpa(0x7f00_0000_0000 + 0x1010_0004), Some(0x1010_0004));
+        assert!(m.translate_va(0x1234, 1).is_none());
+    }
+
+    #[test]
+    fn bad_tables_are_refused() {
+        let f = memfd("t", 2 << 20).unwrap();
+        let e = GuestMemory::new(vec![region(&f, 0, 1 << 20, 0), region(&f, 4096, 4096, 0)]).unwrap_err();
+        assert!(matches!(e, MemError::Overlap { .. }));
+        assert!(matches!(Region::map(&f, 0, 0, 0, 0), Err(MemError::BadSize { .. })));
+        assert!(matches!(Region::map(&f, u64::MAX - 10, 4096, 0, 0), Err(MemError::BadSize { .. })));
+        let e = Region::map(&f, 0, 4 << 20, 0, 0).unwrap_err();
+        assert!(matches!(e, MemError::FileTooSmall { .. }), "a file smaller than the region would SIGBUS");
+        assert!(matches!(Region::map(&f, 0, 4096, 0, u64::MAX - 5), Err(MemError::BadSize { .. })));
+        let a = Region::map(&f, 0, 4096, 0x5000, 0).unwrap();
+        let b = Region::map(&f, 0x10000, 4096, 0x5800, 0).unwrap();
+        assert!(matches!(GuestMemory::new(vec![a, b]).unwrap_err(), MemError::OverlapVa { .. }));
+    }
+
+    #[test]
+    fn unaligned_file_offsets_map_the_right_bytes() {
+        let f = memfd("t", 3 * 4096).unwrap();
+        let whole = GuestMemory::new(vec![region(&f, 0, 3 * 4096, 0)]).unwrap();
+        whole.write(4096 + 100, b"hello").unwrap();
+        let part = GuestMemory::new(vec![Region::map(&f, 0x9000, 1000, 0x9000, 4096 + 100).unwrap()]).unwrap();
+        let mut b = [0u8; 5];
+        part.read(0x9000, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
     }
 }

@@ -51,6 +51,18 @@ struct Vring {
     running: Option<(ReactorHandle, PollerId, RingAddrs)>,
 }
 
+/// Whether userfaultfd works for this process (checked once): postcopy is offered only then.
+fn postcopy_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let ok = vstor_mem::Userfault::available();
+        if !ok {
+            tracing::info!("userfaultfd is not available (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1): postcopy migration is not offered");
+        }
+        ok
+    })
+}
+
 fn dup(f: &Option<File>) -> Option<File> {
     f.as_ref().and_then(|f| f.try_clone().ok())
 }
@@ -65,6 +77,10 @@ pub(crate) struct Session {
     inflight: Option<Arc<InflightMap>>,
     /// The migration dirty log (SET_LOG_BASE).
     log: Option<Arc<vstor_mem::DirtyLog>>,
+    /// Postcopy: the userfaultfd given to the frontend (POSTCOPY_ADVISE), and whether it
+    /// listens (memory tables mapped now are registered with it).
+    uffd: Option<vstor_mem::Userfault>,
+    postcopy_listening: bool,
     /// Set when a reply could not be produced: the connection is then closed, since the frontend
     /// would otherwise wait for an answer forever.
     pub close: bool,
@@ -83,6 +99,8 @@ impl Session {
             vrings,
             inflight: None,
             log: None,
+            uffd: None,
+            postcopy_listening: false,
             close: false,
         }
     }
@@ -278,6 +296,16 @@ impl Session {
         self.mem = Arc::new(GuestMemory::empty());
         self.inflight = None;
         self.log = None;
+        self.uffd = None;
+        self.postcopy_listening = false;
+    }
+
+    /// In postcopy listening, registers `region` with the userfaultfd (faults on pages that have
+    /// not arrived go to the frontend) and returns the address the frontend must know it by.
+    fn postcopy_register(&self, region: &Region) -> VuResult<u64> {
+        let uffd = self.uffd.as_ref().ok_or_else(|| err("postcopy memory table without POSTCOPY_ADVISE"))?;
+        uffd.register(region).map_err(|e| err(format!("userfaultfd register of {region:?}: {e}")))?;
+        Ok(region.host() as u64)
     }
 
     fn update_running(&self, i: usize, f: impl FnOnce(&mut VirtqPoller) + Send + 'static) {
@@ -334,7 +362,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         &mut self,
         ctx: &[VhostUserMemoryRegion],
         files: Vec<File>,
-        _postcopy_listening: Option<bool>,
+        postcopy_listening: Option<bool>,
     ) -> VuResult<Option<Vec<u64>>> {
         if ctx.len() != files.len() {
             return Err(err("memory table: region and fd counts differ"));
@@ -346,8 +374,16 @@ impl VhostUserBackendReqHandlerMut for Session {
             regions.push(region);
         }
         let mem = GuestMemory::new(regions).map_err(|e| err(format!("memory table: {e}")))?;
+        let bases = if postcopy_listening == Some(true) {
+            // Register before any queue can touch the new mapping.
+            let bases = mem.regions().iter().map(|r| self.postcopy_register(r)).collect::<VuResult<Vec<u64>>>()?;
+            tracing::info!(ctrlr = %self.ctrl.name, regions = bases.len(), "postcopy: memory registered with userfaultfd");
+            Some(bases)
+        } else {
+            None
+        };
         self.set_memory(mem)?;
-        Ok(None)
+        Ok(bases)
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
@@ -429,12 +465,18 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
         Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | if self.ctrl.migration {
                 VhostUserProtocolFeatures::LOG_SHMFD
+            } else {
+                VhostUserProtocolFeatures::empty()
+            }
+            | if self.ctrl.migration && postcopy_available() {
+                VhostUserProtocolFeatures::PAGEFAULT
             } else {
                 VhostUserProtocolFeatures::empty()
             })
@@ -526,16 +568,23 @@ impl VhostUserBackendReqHandlerMut for Session {
         &mut self,
         r: &VhostUserSingleMemoryRegion,
         fd: File,
-        _postcopy_listening: Option<bool>,
+        postcopy_listening: Option<bool>,
     ) -> VuResult<Option<u64>> {
         if self.mem.regions().len() as u64 >= MAX_MEM_SLOTS {
             return Err(err(format!("more than {MAX_MEM_SLOTS} memory regions")));
         }
         let region = Region::map(&fd, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset)
             .map_err(|e| err(format!("ADD_MEM_REG: {e}")))?;
+        let base = if postcopy_listening == Some(true) {
+            let base = self.postcopy_register(&region)?;
+            tracing::info!(ctrlr = %self.ctrl.name, region = ?region, "postcopy: memory registered with userfaultfd");
+            Some(base)
+        } else {
+            None
+        };
         let mem = self.mem.with_region(region).map_err(|e| err(format!("ADD_MEM_REG: {e}")))?;
         self.set_memory(mem)?;
-        Ok(None)
+        Ok(base)
     }
 
     fn remove_mem_region(&mut self, r: &VhostUserSingleMemoryRegion) -> VuResult<()> {
@@ -560,6 +609,40 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
         self.close = true;
         Err(err("shared memory regions are not supported"))
+    }
+
+    fn postcopy_advice(&mut self) -> VuResult<File> {
+        let uffd = vstor_mem::Userfault::new().map_err(|e| err(format!("postcopy: userfaultfd: {e}")))?;
+        let file = uffd.try_clone_file().map_err(|e| err(format!("postcopy: {e}")))?;
+        tracing::info!(ctrlr = %self.ctrl.name, "postcopy advised: userfaultfd sent to the frontend");
+        self.uffd = Some(uffd);
+        Ok(file)
+    }
+
+    fn postcopy_listen(&mut self) -> VuResult<()> {
+        if self.uffd.is_none() {
+            return Err(err("POSTCOPY_LISTEN without POSTCOPY_ADVISE"));
+        }
+        self.postcopy_listening = true;
+        tracing::info!(ctrlr = %self.ctrl.name, "postcopy listening: missing guest pages are fetched on first touch");
+        Ok(())
+    }
+
+    fn postcopy_end(&mut self) -> VuResult<()> {
+        if let Some(uffd) = self.uffd.take() {
+            for r in self.mem.regions() {
+                if let Err(e) = uffd.unregister(r) {
+                    tracing::warn!(ctrlr = %self.ctrl.name, region = ?r, "postcopy end: unregister: {e}");
+                }
+            }
+        }
+        self.postcopy_listening = false;
+        tracing::info!(ctrlr = %self.ctrl.name, "postcopy ended: all guest memory has arrived");
+        Ok(())
+    }
+
+    fn postcopy_ack_mem_regions(&mut self) -> VuResult<()> {
+        Ok(())
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -43,6 +43,8 @@ pub struct TestFrontend {
     size: u16,
     /// The in-flight region the backend handed out (kept across reconnects, as QEMU does).
     pub inflight: Option<(VhostUserInflight, File)>,
+    /// Postcopy: the backend's userfaultfd and the address it mapped each region at.
+    pub postcopy: Option<(File, Vec<u64>)>,
 }
 
 fn want_protocol(inflight: bool) -> VhostUserProtocolFeatures {
@@ -68,12 +70,23 @@ impl TestFrontend {
         Self::connect_with(sock, nq, size, features, true)
     }
 
+    /// Connects as the destination of a postcopy migration does: POSTCOPY_ADVISE (the backend
+    /// hands over a userfaultfd), POSTCOPY_LISTEN, then the memory table, whose pages are mostly
+    /// missing: only those the test writes (rings, request headers) exist.
+    pub fn connect_postcopy(sock: &Path, nq: usize, size: u16, features: u64) -> Self {
+        Self::connect_full(sock, nq, size, features, false, true)
+    }
+
     fn connect_with(sock: &Path, nq: usize, size: u16, want: u64, inflight: bool) -> Self {
+        Self::connect_full(sock, nq, size, want, inflight, false)
+    }
+
+    fn connect_full(sock: &Path, nq: usize, size: u16, want: u64, inflight: bool, postcopy: bool) -> Self {
         let file = memfd("guest", MEM_SIZE).unwrap();
         let mem = Arc::new(GuestMemory::new(vec![Region::map(&file, 0, MEM_SIZE, 0, 0).unwrap()]).unwrap());
         let fe = Frontend::connect(sock, nq as u64).expect("connect");
-        let mut t = Self { fe, mem, file, queues: Vec::new(), features: 0, want, size, inflight: None };
-        t.handshake(inflight);
+        let mut t = Self { fe, mem, file, queues: Vec::new(), features: 0, want, size, inflight: None, postcopy: None };
+        t.handshake_full(inflight, postcopy);
         for q in 0..nq {
             let d = SplitDriver::new_at(t.mem.clone(), size, 0x1000 + q as u64 * RING_STRIDE);
             let new = || EventFd::new(EFD_NONBLOCK).unwrap();
@@ -84,6 +97,10 @@ impl TestFrontend {
     }
 
     fn handshake(&mut self, inflight: bool) {
+        self.handshake_full(inflight, false);
+    }
+
+    fn handshake_full(&mut self, inflight: bool, postcopy: bool) {
         let fe = &mut self.fe;
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -91,7 +108,12 @@ impl TestFrontend {
         self.features = (self.want | VERSION_1 | PROTOCOL_FEATURES | 0xff_ffff) & offered;
         fe.set_features(self.features).unwrap();
         let pf = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(pf & want_protocol(inflight)).unwrap();
+        let mut want = want_protocol(inflight);
+        if postcopy {
+            assert!(pf.contains(VhostUserProtocolFeatures::PAGEFAULT), "postcopy (PAGEFAULT) is offered");
+            want |= VhostUserProtocolFeatures::PAGEFAULT;
+        }
+        fe.set_protocol_features(pf & want).unwrap();
         if inflight {
             let (info, file) = match self.inflight.take() {
                 Some(x) => x,
@@ -110,7 +132,15 @@ impl TestFrontend {
             mmap_offset: 0,
             mmap_handle: self.file.as_raw_fd(),
         };
-        fe.set_mem_table(&[region]).unwrap();
+        if postcopy {
+            let uffd = fe.postcopy_advise().expect("POSTCOPY_ADVISE");
+            fe.postcopy_listen().expect("POSTCOPY_LISTEN");
+            let bases = fe.set_mem_table(&[region]).unwrap().expect("region bases in postcopy");
+            fe.postcopy_ack_mem_regions(FrontendReq::SET_MEM_TABLE).unwrap();
+            self.postcopy = Some((uffd, bases));
+        } else {
+            fe.set_mem_table(&[region]).unwrap();
+        }
     }
 
     fn start_queue(&mut self, q: usize, base: u16) {

@@ -82,6 +82,18 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("vstor.log")).unwrap_or_default()
     }
 
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while !self.log().contains(needle) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
