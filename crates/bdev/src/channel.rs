@@ -24,6 +24,10 @@ pub trait ChannelBackend {
     fn try_now(&mut self, _op: &IoOp) -> Option<IoResult> {
         None
     }
+
+    /// A reset arrived while I/O is in flight: a backend that holds I/O indefinitely (the error
+    /// bdev's `pending` injection) must now finish it, so the reset can complete.
+    fn reset(&mut self) {}
 }
 
 /// Channel state shared with in-flight tokens.
@@ -203,6 +207,7 @@ impl BdevChannel {
                 token.defer(Ok(()));
             } else {
                 self.shared.parked_resets.borrow_mut().push(token);
+                self.backend.reset();
             }
             return None;
         }

@@ -12,6 +12,7 @@
 mod bdev;
 mod channel;
 pub mod delay;
+pub mod error;
 mod io;
 pub mod malloc;
 pub mod mem;

@@ -443,7 +443,7 @@ fn iovec_sub_ranges_cover_exactly_the_bytes_asked_for() {
     assert_eq!((s.len(), s.total_len()), (3, 40));
     let mut out = vec![0u8; 40];
     s.copy_to(&mut out);
-    assert_eq!(out, (25..65).map(|x| x as u8).collect::<Vec<_>>());
+    assert_eq!(out, (25u8..65).collect::<Vec<_>>());
     assert!(v.sub(90, 11).is_none());
     assert!(v.sub(u64::MAX, 2).is_none());
     assert_eq!(v.sub(100, 0).unwrap().total_len(), 0);
@@ -480,4 +480,86 @@ fn delay_bdevs_hold_io_for_their_latency_then_pass_it_on() {
     drop(ch);
     d.on_delete();
     assert!(!base.is_claimed(), "deleting the delay bdev releases its base");
+}
+
+#[test]
+fn error_bdevs_fail_hold_and_corrupt_exactly_the_io_they_are_told_to() {
+    use error::{ErrorType, Injection, Target};
+    let mut h = Harness::new();
+    let base = malloc::create(params("ebase", 512, 64), false).unwrap();
+    let e = error::create(None, base.clone()).unwrap();
+    assert_eq!(e.name(), "EE_ebase");
+    assert!(base.is_claimed());
+    let mut ch = h.channel(&e);
+    write(&mut h, &mut ch, 0, &pattern(1, 1024), 512);
+    let inj = |target, kind, num| Injection { target, kind, num, queue_depth: 0, corrupt_offset: 0, corrupt_value: 0 };
+
+    // Two failed reads, then reads work again; writes were never affected.
+    error::inject(&e, inj(Target::One(IoType::Read), ErrorType::Failure, 2)).unwrap();
+    let mut b = AlignedBuf::zeroed(512, 4096).unwrap();
+    for _ in 0..2 {
+        let r = h.run(&mut ch, IoOp::Read { offset_blocks: 0, num_blocks: 1, iovs: iovs(&mut b, 512) });
+        assert_eq!(r, Err(IoError::Os(libc::EIO)));
+    }
+    write(&mut h, &mut ch, 2, &pattern(2, 512), 512);
+    assert_eq!(read(&mut h, &mut ch, 0, 2, 512), pattern(1, 1024));
+
+    // A pending write is held until resumed, then lands.
+    error::inject(&e, inj(Target::One(IoType::Write), ErrorType::Pending, 1)).unwrap();
+    let mut wb = buf_with(&pattern(9, 512), 4096);
+    let held = h.submit(&mut ch, IoOp::Write { offset_blocks: 5, num_blocks: 1, iovs: iovs(&mut wb, 512), fua: false });
+    for _ in 0..1000 {
+        h.r.run_once();
+    }
+    assert!(h.rec.done.borrow().iter().all(|(t, _)| *t != held), "a pending I/O does not complete by itself");
+    error::resume_pending(&e).unwrap();
+    assert_eq!(h.wait(held), Ok(()));
+    assert_eq!(read(&mut h, &mut ch, 5, 1, 512), pattern(9, 512));
+
+    // A pending read is aborted by a reset, which then completes.
+    error::inject(&e, inj(Target::One(IoType::Read), ErrorType::Pending, 1)).unwrap();
+    let held = h.submit(&mut ch, IoOp::Read { offset_blocks: 0, num_blocks: 1, iovs: iovs(&mut b, 512) });
+    let reset = h.submit(&mut ch, IoOp::Reset);
+    assert_eq!(h.wait(reset), Ok(()));
+    assert_eq!(h.wait(held), Err(IoError::Aborted));
+
+    // Corruption: byte 3 of the next read is XORed; a corrupted write lands corrupted on the
+    // base but leaves the submitter's buffer as it was.
+    let c = Injection { corrupt_offset: 3, corrupt_value: 0xff, ..inj(Target::All, ErrorType::CorruptData, 1) };
+    error::inject(&e, c).unwrap();
+    let mut want = pattern(1, 512);
+    want[3] ^= 0xff;
+    assert_eq!(read(&mut h, &mut ch, 0, 1, 512), want);
+    assert_eq!(read(&mut h, &mut ch, 0, 1, 512), pattern(1, 512), "only one read was corrupted");
+    error::inject(&e, Injection { target: Target::One(IoType::Write), ..c }).unwrap();
+    let data = pattern(4, 512);
+    let mut wb = buf_with(&data, 4096);
+    let r = h.run(&mut ch, IoOp::Write { offset_blocks: 7, num_blocks: 1, iovs: iovs(&mut wb, 512), fua: false });
+    assert_eq!(r, Ok(()));
+    assert_eq!(wb.as_slice(), &data[..], "the submitter's buffer is untouched");
+    let mut stored = data.clone();
+    stored[3] ^= 0xff;
+    assert_eq!(read(&mut h, &mut ch, 7, 1, 512), stored);
+
+    // Queue-depth trigger: only a read submitted while another I/O is in flight fails.
+    error::inject(&e, Injection { queue_depth: 1, ..inj(Target::One(IoType::Read), ErrorType::Failure, 1) }).unwrap();
+    assert_eq!(read(&mut h, &mut ch, 0, 1, 512), pattern(1, 512), "nothing in flight: not triggered");
+    let (mut b1, mut b2) = (AlignedBuf::zeroed(512, 4096).unwrap(), AlignedBuf::zeroed(512, 4096).unwrap());
+    error::inject(&e, inj(Target::One(IoType::Write), ErrorType::Pending, 1)).unwrap();
+    let w = h.submit(&mut ch, IoOp::Write { offset_blocks: 9, num_blocks: 1, iovs: iovs(&mut b1, 512), fua: false });
+    let r = h.run(&mut ch, IoOp::Read { offset_blocks: 0, num_blocks: 1, iovs: iovs(&mut b2, 512) });
+    assert_eq!(r, Err(IoError::Os(libc::EIO)), "one in flight: triggered");
+    error::resume_pending(&e).unwrap();
+    assert_eq!(h.wait(w), Ok(()));
+
+    // Clear stops everything; bad values are refused naming the parameter.
+    error::inject(&e, inj(Target::All, ErrorType::Failure, 100)).unwrap();
+    error::inject(&e, inj(Target::Clear, ErrorType::Failure, 0)).unwrap();
+    assert_eq!(read(&mut h, &mut ch, 0, 1, 512), pattern(1, 512));
+    let bad = error::inject(&e, Injection { corrupt_value: 0, ..c }).unwrap_err();
+    assert_eq!(bad.param(), Some("corrupt_value"));
+    assert!("nomem".parse::<ErrorType>().unwrap_err().contains("not supported"));
+    drop(ch);
+    e.on_delete();
+    assert!(!base.is_claimed());
 }

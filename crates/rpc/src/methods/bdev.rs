@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
-use vstor_bdev::{delay, malloc, null, uring, Bdev, BdevParams, IoType, StatsSnapshot};
+use vstor_bdev::{delay, error as err_bdev, malloc, null, uring, Bdev, BdevParams, IoType, StatsSnapshot};
 
 use super::{Methods, NoParams};
 use crate::app::App;
@@ -25,6 +25,14 @@ pub(crate) fn register(m: &mut Methods) {
     m.add("bdev_delay_create", bdev_delay_create);
     m.add("bdev_delay_delete", |app: &Arc<App>, p: ByName| delete(app, &p.name, delay::PRODUCT));
     m.add("bdev_delay_update_latency", bdev_delay_update_latency);
+    m.add("bdev_error_create", bdev_error_create);
+    m.add("bdev_error_delete", |app: &Arc<App>, p: ByName| delete(app, &p.name, err_bdev::PRODUCT));
+    m.add("bdev_error_inject_error", bdev_error_inject_error);
+    m.add("bdev_error_resume_pending", |app: &Arc<App>, p: ByName| {
+        let b = app.bdevs.lookup(&p.name)?;
+        err_bdev::resume_pending(&b)?;
+        Ok(json!(true))
+    });
     m.add("bdev_get_bdevs", bdev_get_bdevs);
     m.add("bdev_get_iostat", bdev_get_iostat);
     m.add("bdev_reset_iostat", bdev_reset_iostat);
@@ -294,6 +302,72 @@ fn bdev_delay_update_latency(app: &Arc<App>, p: DelayUpdate) -> Result<Value, Rp
     let t: delay::LatencyType = p.latency_type.parse().map_err(|e| RpcError::bad_param("latency_type", e))?;
     let b = app.bdevs.lookup(&p.delay_bdev_name)?;
     delay::update(&b, t, p.latency_us)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorCreate {
+    base_name: String,
+    uuid: Option<String>,
+}
+
+fn bdev_error_create(app: &Arc<App>, p: ErrorCreate) -> Result<Value, RpcError> {
+    let name = format!("{}{}", err_bdev::PREFIX, p.base_name);
+    if app.bdevs.get(&name).is_some() {
+        return Err(vstor_bdev::BdevError::Exists(name).into());
+    }
+    let base = app.bdevs.lookup(&p.base_name).map_err(|e| RpcError::errno(libc::ENODEV, format!("base_name: {e}")))?;
+    let b = err_bdev::create(parse_uuid(&p.uuid)?, base.clone())?;
+    match app.bdevs.register(b) {
+        Ok(b) => Ok(json!(b.name())),
+        Err(e) => {
+            base.release(&format!("error:{name}"));
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorInject {
+    name: String,
+    io_type: String,
+    error_type: String,
+    #[serde(default = "one")]
+    num: u32,
+    #[serde(default)]
+    queue_depth: u64,
+    #[serde(default)]
+    corrupt_offset: u64,
+    #[serde(default)]
+    corrupt_value: u8,
+    // Accepted for SPDK's client (it sends them for nvme_failure, which vstor refuses).
+    #[serde(default)]
+    nvme_sct: Option<u32>,
+    #[serde(default)]
+    nvme_sc: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn bdev_error_inject_error(app: &Arc<App>, p: ErrorInject) -> Result<Value, RpcError> {
+    let target: err_bdev::Target = p.io_type.parse().map_err(|e| RpcError::bad_param("io_type", e))?;
+    let kind: err_bdev::ErrorType = p.error_type.parse().map_err(|e| RpcError::bad_param("error_type", e))?;
+    let _ = (p.nvme_sct, p.nvme_sc);
+    let b = app.bdevs.lookup(&p.name)?;
+    let i = err_bdev::Injection {
+        target,
+        kind,
+        num: p.num,
+        queue_depth: p.queue_depth,
+        corrupt_offset: p.corrupt_offset,
+        corrupt_value: p.corrupt_value,
+    };
+    err_bdev::inject(&b, i)?;
+    tracing::info!(bdev = %p.name, io_type = %p.io_type, error_type = %p.error_type, num = p.num, "error injection set");
     Ok(json!(true))
 }
 
