@@ -788,7 +788,7 @@ impl NvmeController {
                 offset: DOORBELL_BASE,
                 len: inner.doorbells.len() as u64,
                 fd: inner.doorbells.fd().clone(),
-                fd_offset: 0,
+                fd_offset: sys::FILE_OFFSET,
             });
         }
         vec![

@@ -8,6 +8,9 @@ use std::sync::Arc;
 /// The doorbell registers of BAR0 (offset 0x1000 on), backed by a memfd so the transport can let
 /// the client map them. Every doorbell is a `u32` read and written atomically here; the client
 /// writes the same memory with plain stores from its own process.
+/// Where the doorbells start in the memfd: their offset in BAR0 (SPDK's layout).
+pub(crate) const FILE_OFFSET: u64 = crate::spec::DOORBELL_BASE;
+
 pub(crate) struct DoorbellPage {
     ptr: *mut u8,
     len: usize,
@@ -27,7 +30,9 @@ impl Drop for DoorbellPage {
 }
 
 impl DoorbellPage {
-    /// Creates a zeroed page of `len` bytes (a multiple of the page size).
+    /// Creates a zeroed page of `len` bytes (a multiple of the page size). The memfd holds the
+    /// doorbells at file offset [`FILE_OFFSET`] (= their BAR0 offset), so a transport whose
+    /// client maps a sparse area at "region offset + area offset" (vfio-user) finds them there.
     pub fn new(len: usize) -> std::io::Result<DoorbellPage> {
         let name = c"vstor-nvme-doorbells";
         // SAFETY: `name` is NUL-terminated; returns a new fd or -1.
@@ -37,12 +42,15 @@ impl DoorbellPage {
         }
         // SAFETY: `raw` is a fresh fd owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let size = libc::off_t::try_from(len).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let bad = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+        let size = len.checked_add(usize::try_from(FILE_OFFSET).map_err(|_| bad())?).ok_or_else(bad)?;
+        let size = libc::off_t::try_from(size).map_err(|_| bad())?;
+        let map_at = libc::off_t::try_from(FILE_OFFSET).map_err(|_| bad())?;
         // SAFETY: ftruncate on a valid memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: a new shared mapping of the whole file at a kernel-chosen address.
+        // SAFETY: a new shared mapping of the doorbell part of the file at a kernel-chosen address.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -50,7 +58,7 @@ impl DoorbellPage {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                map_at,
             )
         };
         if p == libc::MAP_FAILED {

@@ -44,10 +44,8 @@
 //! # Limitations
 //!
 //! - Mappable doorbells need the controller's doorbell file laid out the vfio-user way (doorbells
-//!   at file offset ≥ their BAR offset 0x1000); `vstor-nvme` currently puts them at file offset 0,
-//!   so an endpoint asked for mappable doorbells falls back to trapped ones (with a warning) and
-//!   recreates the controller without `mappable_doorbells`. Nothing here changes once the
-//!   controller offers a describable layout.
+//!   at file offset = their BAR offset 0x1000, as `vstor-nvme` does); a controller whose areas
+//!   cannot be described that way is served with trapped doorbells (with a warning).
 //! - DMA maps must come with a file descriptor (no `DMA_READ`/`DMA_WRITE` messages) and be 4 KiB
 //!   aligned; maps that are not read-write are tracked but invisible to the controller.
 //! - No migration, dirty page logging, twin socket, `REGION_WRITE_MULTI`,

@@ -210,7 +210,11 @@ fn mappable_doorbells_are_a_sparse_area_the_client_writes_directly() {
     let mut d = Driver::enabled(Opts { mappable: true, mode: Mode::Adaptive, ..Default::default() });
     let bars = d.ctrl.bars();
     let area = &bars[0].mmap_areas[0];
-    assert_eq!((area.offset, area.fd_offset), (DOORBELL_BASE, 0));
+    assert_eq!(
+        (area.offset, area.fd_offset),
+        (DOORBELL_BASE, DOORBELL_BASE),
+        "doorbells at their BAR offset in the file"
+    );
     assert!(area.len >= 4096 && area.offset + area.len <= bars[0].size);
     assert!(d.mapped.is_some());
     d.add_ns(1, malloc_bdev("map0", 512, 512));
