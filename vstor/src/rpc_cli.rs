@@ -10,7 +10,8 @@ use serde_json::{Map, Value};
 vstor rpc bdev_malloc_create --name Malloc0 --num_blocks 131072 --block_size 512\n  \
 vstor rpc bdev_get_bdevs\n  \
 vstor rpc bdev_get_iostat '{\"names\": [\"Malloc0\"]}'\n  \
-vstor rpc bdev_malloc_delete --name Malloc0\n\n\
+vstor rpc bdev_malloc_delete --name Malloc0\n  \
+vstor rpc save_config > vstor.json   # the whole configuration, for `vstor serve --config`\n\n\
 Values are read as JSON when they parse as JSON (numbers, true/false, arrays, objects) and as strings \
 otherwise. Dashes in parameter names become underscores (--block-size = --block_size).")]
 pub struct RpcArgs {
@@ -66,7 +67,12 @@ pub fn run(a: RpcArgs) -> i32 {
             return 2;
         }
     };
-    match vstor_rpc::server::call(&a.socket, &a.method, params) {
+    let result = if a.method == "save_config" && params.is_none() {
+        save_config(&a.socket)
+    } else {
+        vstor_rpc::server::call(&a.socket, &a.method, params)
+    };
+    match result {
         Ok(v) => {
             match v {
                 Value::String(s) => println!("{s}"),
@@ -79,6 +85,19 @@ pub fn run(a: RpcArgs) -> i32 {
             1
         }
     }
+}
+
+/// `save_config`, as SPDK's client assembles it: every subsystem's `framework_get_config`.
+fn save_config(socket: &std::path::Path) -> Result<Value, vstor_rpc::error::RpcError> {
+    let subs = vstor_rpc::server::call(socket, "framework_get_subsystems", None)?;
+    let mut out = Vec::new();
+    for s in subs.as_array().into_iter().flatten() {
+        let Some(name) = s.get("subsystem").and_then(Value::as_str) else { continue };
+        let config =
+            vstor_rpc::server::call(socket, "framework_get_config", Some(serde_json::json!({ "name": name })))?;
+        out.push(serde_json::json!({ "subsystem": name, "config": config }));
+    }
+    Ok(serde_json::json!({ "subsystems": out }))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde_json::Value;
 use vstor_bdev::BdevRegistry;
 use vstor_reactor::Reactors;
+use vstor_vfio_user::NvmfManager;
 use vstor_vhost::VhostManager;
 
 use crate::error::RpcError;
@@ -53,6 +54,8 @@ pub enum Shutdown {
 /// Everything a running vstor holds.
 pub struct App {
     pub opts: AppOptions,
+    /// NVMe-oF (VFIOUSER) subsystems. Declared before `reactors` so it is dropped first.
+    pub nvmf: NvmfManager,
     pub reactors: Reactors,
     pub bdevs: BdevRegistry,
     pub vhost: VhostManager,
@@ -81,7 +84,9 @@ impl App {
             reactors.handles().to_vec(),
             opts.live_migration,
         );
+        let nvmf = NvmfManager::new(reactors.handles().to_vec(), opts.socket_mode);
         let app = Arc::new(App {
+            nvmf,
             opts,
             reactors,
             vhost,
@@ -124,10 +129,12 @@ impl App {
         self.malloc_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Orderly stop: disconnect frontends once their in-flight requests complete, flush every bdev
+    /// Orderly stop: disconnect frontends once their in-flight requests complete, disconnect
+    /// vfio-user clients (resetting their controllers), flush every bdev
     /// that has a write cache, then stop the reactors.
     pub fn shutdown(&self) {
         self.vhost.shutdown();
+        self.nvmf.shutdown();
         crate::methods::bdev::flush_all(self);
         self.reactors.stop();
     }

@@ -22,6 +22,7 @@ pub fn subsystems() -> Vec<Subsystem> {
         Subsystem { name: "bdev", depends_on: &[], dump: crate::methods::bdev::dump_config },
         Subsystem { name: "vhost_blk", depends_on: &["bdev"], dump: crate::methods::vhost::dump_blk_config },
         Subsystem { name: "vhost_scsi", depends_on: &["bdev"], dump: crate::methods::vhost::dump_scsi_config },
+        Subsystem { name: "nvmf", depends_on: &["bdev"], dump: crate::methods::nvmf::dump_config },
     ]
 }
 

@@ -3,6 +3,8 @@
 //! - a bdev inside this process (`--bdev null|malloc[:MiB]|uring:PATH|aio:PATH`), like SPDK's bdevperf;
 //! - any vhost-user-blk target through libblkio (`--vhost-user SOCK`), with the target's CPU time
 //!   per I/O when `--target-pid` is given;
+//! - an NVMe controller over vfio-user (`--nvme-vfio-user DIR`, the listener's traddr) through
+//!   the NVMe client library;
 //!
 //! It prints IOPS, MiB/s, mean/p50/p99/p99.9 latency and the CPU time the process spent per I/O.
 
@@ -11,6 +13,7 @@
 
 mod bdev_job;
 pub mod hist;
+mod nvme_job;
 pub mod vhost_job;
 pub mod workload;
 
@@ -72,11 +75,27 @@ pub struct PerfArgs {
     #[arg(long, value_name = "SOCK", conflicts_with = "bdev")]
     pub vhost_user: Option<String>,
 
-    /// Queues to use with --vhost-user (each kept at --queue-depth).
+    /// Drive an NVMe controller over vfio-user: DIR is the listener's traddr (socket DIR/cntrl).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["bdev", "vhost_user"])]
+    pub nvme_vfio_user: Option<String>,
+
+    /// Namespace to use with --nvme-vfio-user (default: the first active one).
+    #[arg(long, value_name = "NSID")]
+    pub nsid: Option<u32>,
+
+    /// With --nvme-vfio-user: do not use Doorbell Buffer Config (every doorbell is an MMIO write).
+    #[arg(long)]
+    pub no_shadow_doorbells: bool,
+
+    /// With --nvme-vfio-user: complete through MSI-X eventfds instead of polling the CQs.
+    #[arg(long)]
+    pub interrupts: bool,
+
+    /// Queues to use with --vhost-user or --nvme-vfio-user (each kept at --queue-depth).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub queues: u32,
 
-    /// PID of the target process, to report its CPU time per I/O (--vhost-user).
+    /// PID of the target process, to report its CPU time per I/O (--vhost-user, --nvme-vfio-user).
     #[arg(long, value_name = "PID")]
     pub target_pid: Option<u32>,
 }
@@ -174,9 +193,10 @@ pub fn run(a: PerfArgs) -> i32 {
         eprintln!("vstor perf: --io-size, --queue-depth and --time must be greater than zero");
         return 2;
     }
-    let result = match &a.vhost_user {
-        Some(sock) => vhost_job::run(&a, sock),
-        None => bdev_job::run(&a),
+    let result = match (&a.vhost_user, &a.nvme_vfio_user) {
+        (Some(sock), _) => vhost_job::run(&a, sock),
+        (None, Some(dir)) => nvme_job::run(&a, dir),
+        (None, None) => bdev_job::run(&a),
     };
     match result {
         Ok(rep) => {

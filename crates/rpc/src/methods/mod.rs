@@ -11,6 +11,7 @@ use crate::error::{RpcError, INVALID_PARAMS, METHOD_NOT_FOUND};
 
 pub mod bdev;
 pub mod framework;
+pub mod nvmf;
 pub mod vhost;
 
 type Handler = Box<dyn Fn(&Arc<App>, Option<Value>) -> Result<Value, RpcError> + Send + Sync>;
@@ -53,6 +54,7 @@ impl Methods {
         framework::register(&mut m);
         bdev::register(&mut m);
         vhost::register(&mut m);
+        nvmf::register(&mut m);
         m
     }
 
