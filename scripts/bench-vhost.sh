@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# vhost-user-blk benchmark for BENCHMARKS.md: vstor against qemu-storage-daemon (QEMU 7.2) with the
-# same backend, the same client (vstor perf --vhost-user, i.e. libblkio) and the same pinning:
-# target on core 1, client on core 0. Runs are interleaved target by target; each cell is the
-# median of ROUNDS runs. CPU time per I/O is the target's (all its threads, from schedstat).
+# Target benchmark for BENCHMARKS.md: vstor's vhost-user-blk against qemu-storage-daemon (QEMU 7.2)
+# with the same backend, the same client (vstor perf --vhost-user, i.e. libblkio) and the same
+# pinning: target on core 1, client on core 0; and vstor's NVMe controller over vfio-user
+# (vstor perf --nvme-vfio-user, the NVMe client library on rust-vmm's vfio-user client) with and
+# without shadow doorbells, in the same run. Runs are interleaved target by target; each cell is
+# the median of ROUNDS runs. CPU time per I/O is the target's (all its threads, from schedstat).
 #
-# Usage: ROUNDS=3 SECS=5 ./scripts/bench-vhost.sh        (needs qemu-storage-daemon: scripts/deps.sh)
+# Targets: vstor (blk, adaptive), vstor-int (blk, interrupt mode), qsd, nvme (shadow doorbells),
+# nvme-mmio (no shadow doorbells; doorbells in the mapped BAR0 page), nvme-trap (no shadow
+# doorbells, BAR0 not mappable: every doorbell is a vfio-user REGION_WRITE message).
+# Usage: ROUNDS=3 SECS=5 TARGETS="vstor qsd nvme" ./scripts/bench-vhost.sh   (needs scripts/deps.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-5}; FILE=${FILE:-/var/tmp/vstor-bench.img}
@@ -21,6 +26,21 @@ trap cleanup EXIT
 start_target() { # target backend -> prints "pid socket"
   local t=$1 b=$2 sock="$W/$1-$2.sock"
   case $t in
+    nvme|nvme-trap|nvme-mmio)
+      $V serve --cpumask 0x2 --rpc-socket "$W/$t-$b.rpc" -S "$W" >/dev/null 2>"$W/$t-$b.log" &
+      local pid=$! r="$V rpc -s $W/$t-$b.rpc"
+      for _ in $(seq 100); do [ -S "$W/$t-$b.rpc" ] && break; sleep 0.05; done
+      if [ "$b" = null ]; then
+        $r bdev_null_create --name D0 --num_blocks 2097152 --block_size 512 >/dev/null
+      else
+        $r bdev_uring_create --name D0 --filename "$FILE" >/dev/null
+      fi
+      local extra=""; [ $t = nvme-trap ] && extra="--disable_mappable_bar0 true"
+      $r nvmf_create_transport --trtype VFIOUSER $extra >/dev/null
+      $r nvmf_create_subsystem --nqn nqn.2019-07.io.spdk:bench --allow_any_host true >/dev/null
+      $r nvmf_subsystem_add_ns '{"nqn": "nqn.2019-07.io.spdk:bench", "namespace": {"bdev_name": "D0"}}' >/dev/null
+      $r nvmf_subsystem_add_listener "{\"nqn\": \"nqn.2019-07.io.spdk:bench\", \"listen_address\": {\"trtype\": \"VFIOUSER\", \"traddr\": \"$W/$t-$b\"}}" >/dev/null
+      echo "$pid $W/$t-$b" ;;
     vstor|vstor-int)
       local mode=adaptive; [ $t = vstor-int ] && mode=interrupt
       $V serve --cpumask 0x2 --reactor-mode $mode --rpc-socket "$W/$t-$b.rpc" -S "$W" >/dev/null 2>"$W/$t-$b.log" &
@@ -60,7 +80,12 @@ for b in $BACKENDS; do
       for t in $TARGETS; do I[$t]=""; P5[$t]=""; P9[$t]=""; C[$t]=""; done
       for r in $(seq "$ROUNDS"); do
         for t in $TARGETS; do
-          j=$(taskset -c 0 $V perf --vhost-user "${SOCK[$t]}" -w $w -o 4096 -q $qd -t "$SECS" --target-pid "${PID[$t]}" --json)
+          case $t in
+            nvme) how=(--nvme-vfio-user "${SOCK[$t]}") ;;
+            nvme-trap|nvme-mmio) how=(--nvme-vfio-user "${SOCK[$t]}" --no-shadow-doorbells) ;;
+            *) how=(--vhost-user "${SOCK[$t]}") ;;
+          esac
+          j=$(taskset -c 0 $V perf "${how[@]}" -w $w -o 4096 -q $qd -t "$SECS" --target-pid "${PID[$t]}" --json)
           I[$t]+="$(echo "$j" | field iops) "; P5[$t]+="$(echo "$j" | field p50_us) "
           P9[$t]+="$(echo "$j" | field p99_us) "; C[$t]+="$(echo "$j" | field cpu_ns_per_io) "
         done

@@ -959,7 +959,14 @@ pub(crate) struct AdminPoller {
     pub core: Rc<RefCell<AdminCore>>,
     epoll: EpollHandle,
     fd: std::os::fd::RawFd,
+    /// Passes left to skip: an idle admin queue is looked at every [`ADMIN_IDLE_STRIDE`]th pass
+    /// so it does not tax the I/O queues sharing the reactor (admin commands are rare; a burst
+    /// is served pass after pass).
+    skip: u32,
 }
+
+/// See [`AdminPoller::skip`].
+const ADMIN_IDLE_STRIDE: u32 = 32;
 
 impl AdminPoller {
     /// Registers the admin poller and its keep-alive timer on reactor `r` (the first reactor).
@@ -968,7 +975,7 @@ impl AdminPoller {
         let fd = inner.admin_kick.raw_fd();
         epoll.add(fd)?;
         let core = Rc::new(RefCell::new(AdminCore::new(inner)));
-        let a = r.add_poller(Box::new(AdminPoller { core: core.clone(), epoll, fd }));
+        let a = r.add_poller(Box::new(AdminPoller { core: core.clone(), epoll, fd, skip: 0 }));
         let t = r.add_timer(Box::new(AdminTimer { core }), Duration::from_millis(100));
         Ok((a, t))
     }
@@ -982,13 +989,25 @@ impl Drop for AdminPoller {
 
 impl Poller for AdminPoller {
     fn poll(&mut self) -> PollStatus {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return PollStatus::Idle;
+        }
         match self.core.try_borrow_mut() {
-            Ok(mut c) => PollStatus::from_work(c.poll()),
+            Ok(mut c) => {
+                let work = c.poll();
+                if !work {
+                    self.skip = ADMIN_IDLE_STRIDE - 1;
+                }
+                PollStatus::from_work(work)
+            }
             Err(_) => PollStatus::Idle,
         }
     }
 
     fn arm(&mut self) -> bool {
+        // Before sleeping, look now: nothing may wait behind a skipped pass.
+        self.skip = 0;
         self.core.try_borrow_mut().map(|mut c| c.arm()).unwrap_or(true)
     }
 

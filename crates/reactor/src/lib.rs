@@ -22,11 +22,11 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use cpumask::{CpuMask, CpuMaskError};
 use sys::{Epoll, Timer, WakeFd};
@@ -157,6 +157,9 @@ struct Shared {
     index: usize,
     core: usize,
     sleeping: AtomicBool,
+    /// Messages sent and not yet taken: lets a busy reactor skip the channel when it is empty
+    /// (incremented before the send, so it never underflows).
+    pending: AtomicUsize,
     wake: WakeFd,
     stats: ReactorStats,
 }
@@ -192,7 +195,11 @@ impl ReactorHandle {
 
     /// Queues `f` to run on the reactor. Does not wait.
     pub fn send(&self, f: impl FnOnce(&mut Reactor) + Send + 'static) -> Result<(), ReactorError> {
-        self.tx.send(Box::new(f)).map_err(|_| ReactorError::Gone(self.shared.core))?;
+        self.shared.pending.fetch_add(1, Ordering::Release);
+        if self.tx.send(Box::new(f)).is_err() {
+            self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(ReactorError::Gone(self.shared.core));
+        }
         // Pairs with the fence in `Reactor::sleep`: either the reactor sees the message before it
         // sleeps, or we see `sleeping` and wake it.
         fence(Ordering::SeqCst);
@@ -245,9 +252,10 @@ struct Slot {
 
 struct Entry {
     poller: Box<dyn Poller>,
-    /// `Some` for timers: run once per period instead of every pass.
-    period: Option<Duration>,
-    next_run: Instant,
+    /// `Some` for timers: run once per period (in clock ticks) instead of every pass.
+    period: Option<u64>,
+    /// Clock tick at which a timer runs next.
+    next_run: u64,
 }
 
 /// A reactor's epoll set, shared with its pollers so they can add their own wake-up fds.
@@ -294,6 +302,7 @@ impl Reactor {
             index,
             core,
             sleeping: AtomicBool::new(false),
+            pending: AtomicUsize::new(0),
             wake: WakeFd::new().map_err(setup)?,
             stats: ReactorStats::default(),
         });
@@ -356,12 +365,13 @@ impl Reactor {
 
     /// Registers a poller that runs on every pass.
     pub fn add_poller(&mut self, poller: Box<dyn Poller>) -> PollerId {
-        self.insert(Entry { poller, period: None, next_run: Instant::now() })
+        self.insert(Entry { poller, period: None, next_run: 0 })
     }
 
     /// Registers a poller that runs once per `period` (a timer).
     pub fn add_timer(&mut self, poller: Box<dyn Poller>, period: Duration) -> PollerId {
-        let next_run = Instant::now() + period;
+        let period = clock::duration_to_ticks(period).max(1);
+        let next_run = clock::ticks().saturating_add(period);
         self.timers += 1;
         self.insert(Entry { poller, period: Some(period), next_run })
     }
@@ -428,10 +438,14 @@ impl Reactor {
             m(self);
             n += 1;
         }
+        if self.shared.pending.load(Ordering::Acquire) == 0 {
+            return n;
+        }
         // Bounded so a flood of messages cannot starve the pollers.
         while n < 64 {
             match self.rx.try_recv() {
                 Ok(m) => {
+                    self.shared.pending.fetch_sub(1, Ordering::Relaxed);
                     m(self);
                     n += 1;
                 }
@@ -450,8 +464,9 @@ impl Reactor {
         if self.stop {
             return busy;
         }
-        // Reading the clock costs; only timers need it.
-        let now = if self.timers > 0 { Some(Instant::now()) } else { None };
+        // Only timers need the clock; the TSC read costs a few ns (clock_gettime costs far more
+        // under some hypervisors).
+        let now = if self.timers > 0 { Some(clock::ticks()) } else { None };
         self.in_pass.set(true);
         for s in self.slots.iter_mut() {
             let Some(e) = s.entry.as_mut() else { continue };
@@ -460,7 +475,7 @@ impl Reactor {
                 (Some(period), Some(now)) => {
                     if now >= e.next_run {
                         busy |= e.poller.poll() == PollStatus::Busy;
-                        e.next_run = now + period;
+                        e.next_run = now.saturating_add(period);
                     }
                 }
             }
@@ -469,7 +484,8 @@ impl Reactor {
         busy
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    /// The clock tick at which the next timer is due.
+    fn next_deadline(&self) -> Option<u64> {
         self.slots.iter().filter_map(|s| s.entry.as_ref()).filter(|e| e.period.is_some()).map(|e| e.next_run).min()
     }
 
@@ -488,6 +504,7 @@ impl Reactor {
         self.in_pass.set(false);
         if !pending {
             if let Ok(m) = self.rx.try_recv() {
+                self.shared.pending.fetch_sub(1, Ordering::Relaxed);
                 self.stashed = Some(m);
                 pending = true;
             }
@@ -495,7 +512,8 @@ impl Reactor {
         if !pending {
             let deadline = self.next_deadline();
             if let Some(d) = deadline {
-                self.timer.arm_at(d);
+                let wait = clock::ticks_to_ns(d.saturating_sub(clock::ticks()));
+                self.timer.arm_in(Duration::from_nanos(wait));
             }
             self.shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.epoll.0.wait_any() {

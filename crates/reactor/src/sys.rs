@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::time::Duration;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -97,8 +97,8 @@ impl Timer {
     }
 
     /// Fires once at `deadline` (or at once if it has passed).
-    pub(crate) fn arm_at(&self, deadline: Instant) {
-        let d = deadline.saturating_duration_since(Instant::now());
+    /// Fires once after `d`.
+    pub(crate) fn arm_in(&self, d: Duration) {
         // A zero it_value disarms the timer, so a due deadline becomes 1 ns.
         let ns = d.as_nanos().max(1);
         let spec = libc::itimerspec {

@@ -1,5 +1,6 @@
 use super::*;
 use std::sync::atomic::AtomicUsize;
+use std::time::Instant;
 
 fn cfg(mode: Mode) -> ReactorConfig {
     ReactorConfig { mode, idle_threshold: Duration::from_micros(200), pin: false }
