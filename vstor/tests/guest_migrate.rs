@@ -113,7 +113,7 @@ fn guest_survives_migrations_while_writing_and_while_reading_back_precopy_and_po
 
     assert!(g2.wait_for("phase: verify", Duration::from_secs(300)), "{}", g2.console());
     wait_inflight(&d, "read", "num_read_ops");
-    let (mut g3, mut q3) = vm(&dir, 3, &a, true);
+    let (g3, mut q3) = vm(&dir, 3, &a, true);
     let (t2, down2) = migrate(&dir, 2, &mut q2, &mut q3, false);
     let _ = q2.try_cmd("quit", json!({}));
     g2.kill();
