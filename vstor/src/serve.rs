@@ -52,6 +52,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "OCTAL", default_value = "660", value_parser = parse_mode)]
     socket_mode: u32,
 
+    /// Confine reactor threads (the ones that parse guest rings and requests) with a seccomp
+    /// filter: only the system calls polling, io_uring and memory allocation need; any other
+    /// kills the process. x86_64 only.
+    #[arg(long)]
+    seccomp: bool,
+
     /// Do not offer dirty logging to vhost-user frontends: QEMU then refuses to live-migrate VMs
     /// whose disks vstor serves (and says so).
     #[arg(long)]
@@ -98,7 +104,12 @@ pub fn run(a: ServeArgs) -> i32 {
             return 2;
         }
     };
-    let cfg = ReactorConfig { mode: a.reactor_mode, idle_threshold: Duration::from_micros(a.idle_us), pin: !a.no_pin };
+    let cfg = ReactorConfig {
+        mode: a.reactor_mode,
+        idle_threshold: Duration::from_micros(a.idle_us),
+        pin: !a.no_pin,
+        seccomp: a.seccomp,
+    };
     let reactors = match Reactors::start(&mask, cfg) {
         Ok(r) => r,
         Err(e) => {

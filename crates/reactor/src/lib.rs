@@ -15,6 +15,8 @@
 
 pub mod clock;
 pub mod cpumask;
+#[cfg(target_arch = "x86_64")]
+pub mod seccomp;
 mod sys;
 
 use std::any::{Any, TypeId};
@@ -117,11 +119,13 @@ pub struct ReactorConfig {
     pub idle_threshold: Duration,
     /// Pin each reactor thread to its core. Turned off only by tests that run many reactor sets.
     pub pin: bool,
+    /// Confine each reactor thread with the seccomp filter of [`seccomp`] once it is set up.
+    pub seccomp: bool,
 }
 
 impl Default for ReactorConfig {
     fn default() -> Self {
-        Self { mode: Mode::Adaptive, idle_threshold: Duration::from_micros(300), pin: true }
+        Self { mode: Mode::Adaptive, idle_threshold: Duration::from_micros(300), pin: true, seccomp: false }
     }
 }
 
@@ -607,9 +611,23 @@ impl Reactors {
                 return Err(ReactorError::CoreNotAllowed { core, allowed });
             }
         }
+        let prog = if cfg.seccomp {
+            #[cfg(target_arch = "x86_64")]
+            let p = Some(Arc::new(
+                seccomp::filter().map_err(|e| ReactorError::Setup { core: 0, source: std::io::Error::other(e) })?,
+            ));
+            #[cfg(not(target_arch = "x86_64"))]
+            let p: Option<Arc<()>> = {
+                return Err(ReactorError::Setup { core: 0, source: std::io::Error::other("--seccomp is x86_64-only") });
+            };
+            p
+        } else {
+            None
+        };
         let mut handles = Vec::new();
         let mut joins = Vec::new();
         for (index, &core) in mask.cores().iter().enumerate() {
+            let prog = prog.clone();
             let (tx, rx) = mpsc::sync_channel(1);
             let cfg2 = cfg.clone();
             let join = std::thread::Builder::new()
@@ -629,6 +647,13 @@ impl Reactors {
                         }
                     }
                     r.shared.stats.tid.store(sys::gettid(), Ordering::Relaxed);
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(p) = &prog {
+                        if let Err(e) = seccomp::apply(p) {
+                            let _ = tx.send(Err(ReactorError::Setup { core, source: std::io::Error::other(e) }));
+                            return;
+                        }
+                    }
                     let _ = tx.send(Ok(h));
                     tracing::debug!(core, mode = %cfg2.mode, "reactor started");
                     r.run();

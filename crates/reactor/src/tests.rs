@@ -3,7 +3,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 fn cfg(mode: Mode) -> ReactorConfig {
-    ReactorConfig { mode, idle_threshold: Duration::from_micros(200), pin: false }
+    ReactorConfig { mode, idle_threshold: Duration::from_micros(200), pin: false, seccomp: false }
 }
 
 fn start(mode: Mode) -> Reactors {

@@ -48,6 +48,10 @@ impl Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("vstor.log")).unwrap();
         let mut cmd = Command::new(vstor_bin());
         cmd.arg("serve").arg("--rpc-socket").arg(sock).arg("-S").arg(dir).args(args);
+        // VSTOR_TEST_SECCOMP=1 runs every daemon under --seccomp (to find syscalls the filter lacks).
+        if std::env::var("VSTOR_TEST_SECCOMP").as_deref() == Ok("1") && !args.iter().any(|a| a == "--seccomp") {
+            cmd.arg("--seccomp");
+        }
         cmd.stdout(Stdio::null()).stderr(log);
         cmd.spawn().expect("spawn vstor")
     }
