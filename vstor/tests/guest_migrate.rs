@@ -202,7 +202,7 @@ fn qemu_storage_daemon_under_the_same_migrations() {
     let img = dir.join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
     let (a, b) = (dir.join("qa.sock"), dir.join("qb.sock"));
-    let mut qsd = qsd_exports(&dir, &img, &[&a, &b]);
+    let _qsd = KillOnDrop(qsd_exports(&dir, &img, &[&a, &b]));
     let (mut g1, mut q1) = vm(&dir, 1, &a, false);
     assert!(g1.wait_for("phase: write", Duration::from_secs(300)), "{}", g1.console());
     std::thread::sleep(Duration::from_secs(2));
@@ -243,6 +243,4 @@ fn qemu_storage_daemon_under_the_same_migrations() {
     eprintln!("qemu-storage-daemon over slow storage, the same two migrations: the guest {outcome}");
     let _ = q2.try_cmd("quit", json!({}));
     g2.kill();
-    let _ = qsd.kill();
-    let _ = qsd.wait();
 }

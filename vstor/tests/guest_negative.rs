@@ -52,7 +52,7 @@ fn qemu_storage_daemon_killed_under_the_same_workload() {
     let img = d.join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(128 << 20).unwrap();
     let sock = d.join("qsd.sock");
-    let mut q = qsd(d, &img, &sock);
+    let mut q = KillOnDrop(qsd(d, &img, &sock));
     let mut o = GuestOpts::new("blk_restart");
     o.devices = vec![
         "-chardev".into(),
@@ -65,14 +65,13 @@ fn qemu_storage_daemon_killed_under_the_same_workload() {
     // fio keeps 16 requests queued against 500 IOPS: some are always inside qsd.
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!g.console().contains("all rounds verified"), "the workload ended before the kill");
-    let _ = q.kill();
-    let _ = q.wait();
-    q = qsd(d, &img, &sock);
+    drop(q);
+    q = KillOnDrop(qsd(d, &img, &sock));
     // QEMU reconnects: the new qsd gains the connection's fds (socket, kick and call eventfds).
     let fds = |c: &Child| std::fs::read_dir(format!("/proc/{}/fd", c.id())).map(|d| d.count()).unwrap_or(0);
-    let listening = fds(&q);
+    let listening = fds(&q.0);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fds(&q) <= listening + 2 {
+    while fds(&q.0) <= listening + 2 {
         assert!(Instant::now() < deadline, "QEMU did not reconnect to the restarted qemu-storage-daemon");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -88,6 +87,6 @@ fn qemu_storage_daemon_killed_under_the_same_workload() {
         format!("hung: no progress for 30 s after the restart (last: {last})")
     };
     eprintln!("negative control, qemu-storage-daemon killed with I/O in flight: the guest {outcome}");
-    let _ = q.kill();
+    drop(q);
     g.kill();
 }

@@ -175,6 +175,16 @@ impl RunningGuest {
     }
 }
 
+impl Drop for RunningGuest {
+    /// A test that fails (panics) mid-way must not leave QEMU running.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Boots a guest and returns at once.
 pub fn spawn(o: &GuestOpts, workdir: &Path) -> RunningGuest {
     let console = workdir.join(o.console.clone().unwrap_or_else(|| format!("console-{}.log", o.test)));

@@ -225,3 +225,14 @@ pub fn run_spdk(spdk: &Path, sock: &Path, args: &[&str]) -> (i32, String, String
         String::from_utf8_lossy(&out.stderr).into(),
     )
 }
+
+/// A child process killed when dropped (peers such as qemu-storage-daemon, so a failing test does
+/// not leave them running).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
