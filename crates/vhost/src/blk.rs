@@ -285,6 +285,15 @@ impl QueueHandler for BlkHandler {
         }
     }
 
+    fn bad_chain(&mut self, core: &mut QueueCore, head: u16, ndesc: u16) {
+        // Unusable (a buffer outside guest memory, say), but if it ends in a writable byte the
+        // driver will read that as the status: report an error there rather than leave it be.
+        match core.bad_chain_last_byte(head) {
+            Some(status) => Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_IOERR, 1),
+            None => core.complete(head, ndesc, 0),
+        }
+    }
+
     fn io_done(&mut self, core: &mut QueueCore, tag: u64, result: IoResult) {
         let Some(req) = usize::try_from(tag).ok().and_then(|i| self.reqs.get_mut(i)).and_then(Option::take) else {
             tracing::error!(ctrlr = %core.name, tag, "completion for a request not in flight");

@@ -15,6 +15,7 @@ pub mod scsi;
 mod session;
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -266,67 +267,330 @@ impl Controller {
     }
 }
 
-/// Serves connections on `listener` until stopped. One frontend at a time.
+/// Most file descriptors one vhost-user message may carry (what the vhost crate receives; the
+/// largest legitimate message, SET_MEM_TABLE, carries one per region, at most 32).
+pub const MAX_FDS_PER_MSG: usize = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
+
+/// The kernel's limit on descriptors in one SCM_RIGHTS message (SCM_MAX_FD).
+const SCM_MAX_FD: usize = 253;
+
+/// Connections that arrive while a frontend is connected wait at most this long for it to leave
+/// (a frontend that reconnects may be seen connecting before its old connection is seen closing,
+/// e.g. while a process it forked still holds the old socket); then they are closed.
+const WAITING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most connections waiting so; more are closed at once.
+const MAX_WAITING: usize = 4;
+
+/// What woke a connection thread.
+enum Ready {
+    /// The connection has data, an error or hung up.
+    Conn,
+    /// Someone else is connecting to the controller's socket.
+    Listener,
+    /// The timeout passed.
+    Timeout,
+}
+
+/// Waits until `conn` (if any) or `listener` is readable, or until `deadline`. The connection
+/// wins a tie, so a frontend that closes and reconnects at once is not taken for a second one.
+fn wait_readable(conn: Option<RawFd>, listener: RawFd, deadline: Option<std::time::Instant>) -> Ready {
+    let mut fds = [
+        libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: conn.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+    ];
+    let n: libc::nfds_t = if conn.is_some() { 2 } else { 1 };
+    loop {
+        let timeout = match deadline {
+            None => -1,
+            Some(d) => {
+                let ms = d.saturating_duration_since(std::time::Instant::now()).as_millis();
+                libc::c_int::try_from(ms.saturating_add(1)).unwrap_or(libc::c_int::MAX)
+            }
+        };
+        // SAFETY: `fds` is a valid array of at least `n` pollfds that outlives the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Let the caller's next read or accept report the problem (not in a tight loop).
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            return if conn.is_some() { Ready::Conn } else { Ready::Listener };
+        }
+        if conn.is_some() && fds[1].revents != 0 {
+            return Ready::Conn;
+        }
+        if fds[0].revents != 0 {
+            return Ready::Listener;
+        }
+        if r == 0 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ready::Timeout;
+        }
+    }
+}
+
+/// Accepts a connection from the non-blocking `listener`; `None` if there was none after all.
+fn accept_one(listener: &UnixListener) -> Option<std::io::Result<UnixStream>> {
+    match listener.accept() {
+        Ok((s, _)) => Some(s.set_nonblocking(false).map(|()| s)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// How many file descriptors come with the next message on `fd`, without taking it from the
+/// socket: `None` at end of stream or on error (the vhost crate then reports it). The kernel
+/// installs peeked descriptors in this process; they are closed at once. More than the receive
+/// buffer could hold counts as `SCM_MAX_FD + 1`.
+fn peek_fd_count(fd: RawFd) -> Option<usize> {
+    let fd_bytes = u32::try_from(SCM_MAX_FD * std::mem::size_of::<libc::c_int>()).unwrap_or(u32::MAX);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = usize::try_from(unsafe { libc::CMSG_SPACE(fd_bytes) }).unwrap_or(0);
+    // u64 elements: the control buffer must be aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut byte = 0u8;
+    let mut iov = libc::iovec { iov_base: std::ptr::addr_of_mut!(byte).cast(), iov_len: 1 };
+    // SAFETY: an all-zero msghdr is a valid empty one; the fields that matter are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at `iov` (one byte of `byte`) and `control` (`space` bytes), all live
+    // for the call. MSG_PEEK leaves the data in the socket.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+            Some(0)
+        } else {
+            None
+        };
+    }
+    let mut count = 0usize;
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR reads its control fields only.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is non-null and points at a cmsghdr inside `control` (CMSG_FIRSTHDR and
+        // CMSG_NXTHDR check it fits); `control` is 8-byte aligned, as cmsghdr needs.
+        let h = unsafe { std::ptr::read(c) };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size.
+            let head = usize::try_from(unsafe { libc::CMSG_LEN(0) }).unwrap_or(usize::MAX);
+            let nfds = h.cmsg_len.saturating_sub(head) / std::mem::size_of::<libc::c_int>();
+            // SAFETY: the data of a cmsghdr inside `control` starts inside `control`.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<libc::c_int>();
+            for i in 0..nfds {
+                // SAFETY: the kernel wrote `nfds` descriptors after the header, inside
+                // `control` (cmsg_len counts them); they may be unaligned.
+                let peeked = unsafe { std::ptr::read_unaligned(data.add(i)) };
+                // SAFETY: the peek installed `peeked` in this process and nothing else knows it.
+                unsafe { libc::close(peeked) };
+            }
+            count += nfds;
+        }
+        // SAFETY: `c` is a header inside `msg`'s control buffer.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        count = count.max(SCM_MAX_FD + 1);
+    }
+    Some(count)
+}
+
+/// Rate limit for warnings a frontend can cause at will (failed requests, refused connections),
+/// so that it cannot flood the log: at most `LOG_BURST` a second; what is held back is counted
+/// and reported with the next one let through.
+struct LogLimit {
+    window: std::time::Instant,
+    in_window: u32,
+    held_back: u64,
+}
+
+const LOG_BURST: u32 = 10;
+
+impl LogLimit {
+    fn new() -> Self {
+        Self { window: std::time::Instant::now(), in_window: 0, held_back: 0 }
+    }
+
+    /// `Some(n)`: log now, mentioning the `n` similar messages held back since the last one.
+    fn allow(&mut self) -> Option<u64> {
+        if self.window.elapsed() >= std::time::Duration::from_secs(1) {
+            self.window = std::time::Instant::now();
+            self.in_window = 0;
+        }
+        if self.in_window >= LOG_BURST {
+            self.held_back += 1;
+            return None;
+        }
+        self.in_window += 1;
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// Connections accepted while a frontend was connected, oldest first, with when they came.
+type Waiting = std::collections::VecDeque<(UnixStream, std::time::Instant)>;
+
+/// Serves connections on `listener` until stopped. One frontend at a time: a connection made
+/// while a frontend is connected waits (a few, briefly: a reconnecting frontend can look like a
+/// second one for a moment) and is served if the frontend leaves; otherwise it is closed, with a
+/// warning, so none waits unanswered for long and none holds resources. Connections made during
+/// a teardown wait in the backlog and are served next.
 fn serve(shared: Arc<CtrlShared>, listener: UnixListener, stop: Arc<AtomicBool>, conn: Arc<Mutex<Option<UnixStream>>>) {
-    for stream in listener.incoming() {
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::error!(ctrlr = %shared.name, "cannot make the socket non-blocking: {e}; not serving");
+        return;
+    }
+    let mut refusals = LogLimit::new();
+    let mut waiting = Waiting::new();
+    loop {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(ctrlr = %shared.name, "accept failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                continue;
-            }
-        };
-        *conn.lock().unwrap_or_else(|e| e.into_inner()) = stream.try_clone().ok();
-        shared.connected.store(true, Ordering::SeqCst);
-        tracing::info!(ctrlr = %shared.name, "frontend connected");
-        let session = Arc::new(Mutex::new(Session::new(shared.clone())));
-        let mut handler = BackendReqHandler::from_stream(stream, session.clone());
-        let mut errors = 0u32;
-        loop {
-            let r = handler.handle_request();
-            let (close, running) = {
-                let s = session.lock().unwrap_or_else(|e| e.into_inner());
-                (s.close, s.running())
-            };
-            shared.started_queues.store(running, Ordering::Relaxed);
-            match r {
-                Ok(()) => errors = 0,
-                Err(VuError::Disconnected) => break,
-                Err(
-                    e @ (VuError::PartialMessage
-                    | VuError::SocketBroken(_)
-                    | VuError::SocketError(_)
-                    | VuError::InvalidMessage
-                    | VuError::IncorrectFds
-                    | VuError::OversizedMsg),
-                ) => {
-                    tracing::warn!(ctrlr = %shared.name, "closing the connection: {e}");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(ctrlr = %shared.name, "request failed: {e}");
-                    errors += 1;
-                    if errors > 64 {
-                        tracing::warn!(ctrlr = %shared.name, "too many failed requests; closing the connection");
-                        break;
-                    }
-                }
-            }
-            if close || stop.load(Ordering::SeqCst) {
+        let stream = if let Some((s, _)) = waiting.pop_front() {
+            s
+        } else {
+            wait_readable(None, listener.as_raw_fd(), None);
+            if stop.load(Ordering::SeqCst) {
                 break;
             }
-        }
-        drop(handler);
-        session.lock().unwrap_or_else(|e| e.into_inner()).teardown();
-        shared.started_queues.store(0, Ordering::Relaxed);
-        shared.connected.store(false, Ordering::SeqCst);
-        *conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        tracing::info!(ctrlr = %shared.name, "frontend disconnected");
+            match accept_one(&listener) {
+                None => continue,
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    tracing::warn!(ctrlr = %shared.name, "accept failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                }
+            }
+        };
+        session(&shared, stream, &listener, &stop, &conn, &mut waiting, &mut refusals);
     }
+}
+
+/// A connection came while a frontend is connected: it waits (bounded), or is closed.
+fn another_connection(shared: &CtrlShared, listener: &UnixListener, waiting: &mut Waiting, refusals: &mut LogLimit) {
+    match accept_one(listener) {
+        None => {}
+        Some(Ok(other)) if waiting.len() < MAX_WAITING => waiting.push_back((other, std::time::Instant::now())),
+        Some(Ok(other)) => {
+            drop(other);
+            if let Some(held_back) = refusals.allow() {
+                tracing::warn!(ctrlr = %shared.name, held_back, waiting = waiting.len(),
+                    "a frontend is already connected: closed another connection to the socket (one frontend per controller)");
+            }
+        }
+        Some(Err(e)) => {
+            // Out of descriptors, say: the connection stays in the backlog; do not spin on it.
+            if let Some(held_back) = refusals.allow() {
+                tracing::warn!(ctrlr = %shared.name, held_back, "cannot accept another connection: {e}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Closes waiting connections that have waited `WAITING_GRACE`.
+fn expire_waiting(shared: &CtrlShared, waiting: &mut Waiting, refusals: &mut LogLimit) {
+    while waiting.front().is_some_and(|(_, t)| t.elapsed() >= WAITING_GRACE) {
+        waiting.pop_front();
+        if let Some(held_back) = refusals.allow() {
+            tracing::warn!(ctrlr = %shared.name, held_back,
+                "a frontend is already connected: closed another connection to the socket after {WAITING_GRACE:?} (one frontend per controller)");
+        }
+    }
+}
+
+/// Runs one frontend's connection until it ends.
+fn session(
+    shared: &Arc<CtrlShared>,
+    stream: UnixStream,
+    listener: &UnixListener,
+    stop: &AtomicBool,
+    conn: &Mutex<Option<UnixStream>>,
+    waiting: &mut Waiting,
+    refusals: &mut LogLimit,
+) {
+    *conn.lock().unwrap_or_else(|e| e.into_inner()) = stream.try_clone().ok();
+    shared.connected.store(true, Ordering::SeqCst);
+    tracing::info!(ctrlr = %shared.name, "frontend connected");
+    let session = Arc::new(Mutex::new(Session::new(shared.clone())));
+    let mut handler = BackendReqHandler::from_stream(stream, session.clone());
+    let fd = handler.as_raw_fd();
+    let mut errors = 0u32;
+    let mut failures = LogLimit::new();
+    loop {
+        expire_waiting(shared, waiting, refusals);
+        let deadline = waiting.front().map(|(_, t)| *t + WAITING_GRACE);
+        match wait_readable(Some(fd), listener.as_raw_fd(), deadline) {
+            Ready::Conn => {}
+            Ready::Timeout => continue,
+            Ready::Listener => {
+                if stop.load(Ordering::SeqCst) {
+                    // Controller::shutdown's wake-up: leave it to the accept loop.
+                    break;
+                }
+                another_connection(shared, listener, waiting, refusals);
+                continue;
+            }
+        }
+        if let Some(n) = peek_fd_count(fd).filter(|&n| n > MAX_FDS_PER_MSG) {
+            // The vhost crate would drop such a message whole (descriptors and bytes) and read the
+            // rest of the stream out of step.
+            let n = if n > SCM_MAX_FD {
+                "more file descriptors than vstor could receive".to_string()
+            } else {
+                format!("{n} file descriptors")
+            };
+            tracing::warn!(ctrlr = %shared.name,
+                "closing the connection: a message carries {n}; the limit is {MAX_FDS_PER_MSG} per message");
+            break;
+        }
+        let r = handler.handle_request();
+        let (close, running) = {
+            let s = session.lock().unwrap_or_else(|e| e.into_inner());
+            (s.close, s.running())
+        };
+        shared.started_queues.store(running, Ordering::Relaxed);
+        match r {
+            Ok(()) => errors = 0,
+            Err(VuError::Disconnected) => break,
+            Err(
+                e @ (VuError::PartialMessage
+                | VuError::SocketBroken(_)
+                | VuError::SocketError(_)
+                | VuError::InvalidMessage
+                | VuError::IncorrectFds
+                | VuError::OversizedMsg),
+            ) => {
+                tracing::warn!(ctrlr = %shared.name, "closing the connection: {e}");
+                break;
+            }
+            Err(e) if close => {
+                tracing::warn!(ctrlr = %shared.name, "closing the connection: {e}");
+                break;
+            }
+            Err(e) => {
+                if let Some(held_back) = failures.allow() {
+                    tracing::warn!(ctrlr = %shared.name, held_back, "request failed: {e}");
+                }
+                errors += 1;
+                if errors > 64 {
+                    tracing::warn!(ctrlr = %shared.name, "too many failed requests; closing the connection");
+                    break;
+                }
+            }
+        }
+        if close || stop.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    drop(handler);
+    session.lock().unwrap_or_else(|e| e.into_inner()).teardown();
+    shared.started_queues.store(0, Ordering::Relaxed);
+    shared.connected.store(false, Ordering::SeqCst);
+    *conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    tracing::info!(ctrlr = %shared.name, "frontend disconnected");
 }
 
 /// Every vhost controller of the process.
@@ -599,5 +863,97 @@ impl VhostManager {
         for c in all {
             c.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Sends `bytes` with `fds` attached (SCM_RIGHTS).
+    fn send_fds(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
+        let fd_bytes = u32::try_from(std::mem::size_of_val(fds)).unwrap();
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = usize::try_from(unsafe { libc::CMSG_SPACE(fd_bytes) }).unwrap();
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
+        // SAFETY: an all-zero msghdr is a valid empty one.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer holds one header with room for `fds` (CMSG_SPACE above).
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = usize::try_from(libc::CMSG_LEN(fd_bytes)).unwrap();
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
+        }
+        // SAFETY: `msg` points at live buffers for the call.
+        let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) };
+        assert_eq!(usize::try_from(n).unwrap(), bytes.len());
+    }
+
+    /// Descriptors of this process open on /dev/null (what the test sends; other tests running
+    /// at the same time open other things).
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| p == Path::new("/dev/null"))
+            .count()
+    }
+
+    #[test]
+    fn peeking_counts_attached_descriptors_and_leaves_the_message() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(peek_fd_count(b.as_raw_fd()), Some(0), "nothing to read yet");
+        a.write_all_fds(b"hello", &[]);
+        assert_eq!(peek_fd_count(b.as_raw_fd()), Some(0));
+        let mut buf = [0u8; 5];
+        (&b).read_exact(&mut buf).unwrap();
+        let before = open_fds();
+        send_fds(&a, b"x", &[f.as_raw_fd(); 3]);
+        assert_eq!(peek_fd_count(b.as_raw_fd()), Some(3));
+        assert_eq!(peek_fd_count(b.as_raw_fd()), Some(3), "a peek takes nothing");
+        assert_eq!(open_fds(), before, "peeked descriptors are closed");
+        (&b).read_exact(&mut buf[..1]).unwrap();
+        send_fds(&a, b"y", &[f.as_raw_fd(); 40]);
+        assert_eq!(peek_fd_count(b.as_raw_fd()), Some(40));
+        assert_eq!(open_fds(), before);
+        drop(a);
+        (&b).read_exact(&mut buf[..1]).unwrap();
+        assert_eq!(peek_fd_count(b.as_raw_fd()), None, "end of stream");
+    }
+
+    trait WriteFds {
+        fn write_all_fds(&self, bytes: &[u8], fds: &[RawFd]);
+    }
+
+    impl WriteFds for UnixStream {
+        fn write_all_fds(&self, bytes: &[u8], fds: &[RawFd]) {
+            if fds.is_empty() {
+                std::io::Write::write_all(&mut &*self, bytes).unwrap();
+            } else {
+                send_fds(self, bytes, fds);
+            }
+        }
+    }
+
+    #[test]
+    fn log_limit_lets_a_burst_through_then_counts() {
+        let mut l = LogLimit::new();
+        for _ in 0..LOG_BURST {
+            assert_eq!(l.allow(), Some(0));
+        }
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        l.window -= std::time::Duration::from_secs(2);
+        assert_eq!(l.allow(), Some(2), "the next one reports what was held back");
+        assert_eq!(l.allow(), Some(0));
     }
 }

@@ -79,8 +79,18 @@ pub struct QueueCore {
     window_done: u64,
     irq_delay: u64,
     next_call: u64,
-    /// Memory snapshots replaced while requests were in flight: kept mapped until none is.
-    retired_mem: Vec<Arc<GuestMemory>>,
+    /// Memory snapshots replaced while requests taken under them were in flight: each is kept
+    /// mapped until those requests have completed (not until the queue is idle, which a busy
+    /// queue never is). At most one per request in flight.
+    retired_mem: Vec<Retired>,
+    /// Which snapshot requests taken now point into (counts memory-table changes).
+    mem_epoch: u32,
+    /// Requests taken under the current snapshot and not yet completed.
+    epoch_inflight: usize,
+    /// The snapshot each head in flight was taken under (indexed by head).
+    head_epoch: Vec<u32>,
+    /// Ring layout (to find the status byte of a chain refused as malformed).
+    params: QueueParams,
     /// Heads a previous device instance left in flight, to process before new requests.
     resubmit: VecDeque<u16>,
     /// Keeps the in-flight region mapped while the ring records into it.
@@ -91,7 +101,112 @@ pub struct QueueCore {
     pub completed: u64,
 }
 
+/// A memory snapshot replaced while requests taken under it were in flight.
+struct Retired {
+    epoch: u32,
+    mem: Arc<GuestMemory>,
+    /// Of those requests, how many have not completed.
+    pending: usize,
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// Descriptor `i` of the table at `table`, read by copy: (address, length, flags, next).
+fn read_desc(mem: &GuestMemory, table: u64, i: u32) -> Option<(u64, u32, u16, u16)> {
+    let at = table.checked_add(u64::from(i).checked_mul(16)?)?;
+    let mut b = [0u8; 16];
+    mem.read(at, &mut b).ok()?;
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    Some((
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        u16_at(12),
+        u16_at(14),
+    ))
+}
+
+/// The final descriptor (address, length) of the split-ring chain at `head`, if the walk reaches
+/// one under the same rules as the virtqueue (indices in range, no longer than the table, one
+/// level of indirection) and it is device-writable.
+fn final_writable(mem: &GuestMemory, p: &QueueParams, head: u16) -> Option<(u64, u32)> {
+    if p.packed {
+        return None;
+    }
+    let (mut table, mut n, mut i) = (p.addrs.desc, u32::from(p.size), u32::from(head));
+    let mut indirect = false;
+    let mut steps = 0u32;
+    loop {
+        if i >= n || steps >= n {
+            return None;
+        }
+        steps += 1;
+        let (addr, len, flags, next) = read_desc(mem, table, i)?;
+        if flags & F_INDIRECT != 0 {
+            if indirect
+                || !p.indirect
+                || flags & F_NEXT != 0
+                || len == 0
+                || !len.is_multiple_of(16)
+                || len / 16 > vstor_virtio::MAX_INDIRECT
+            {
+                return None;
+            }
+            (table, n, i, steps, indirect) = (addr, len / 16, 0, 0, true);
+            continue;
+        }
+        if flags & F_NEXT == 0 {
+            return (flags & F_WRITE != 0 && len > 0).then_some((addr, len));
+        }
+        i = u32::from(next);
+    }
+}
+
 impl QueueCore {
+    /// Counts chain `head` as taken (the handler must then complete it).
+    fn took(&mut self, head: u16) {
+        self.inflight += 1;
+        // The virtqueue refuses a head already in flight, so a queue never has more requests
+        // out than entries; should that ever fail, stop this queue rather than take more.
+        if self.inflight > usize::from(self.vq.size()) {
+            let why = format!("{} requests in flight on a queue of {} entries", self.inflight, self.vq.size());
+            self.mark_broken(&why);
+        }
+        if let Some(e) = self.head_epoch.get_mut(usize::from(head)) {
+            *e = self.mem_epoch;
+        }
+        self.epoch_inflight += 1;
+    }
+
+    /// Chain `head` completed: releases the replaced memory snapshot it pointed into once no
+    /// other request does.
+    fn release_epoch(&mut self, head: u16) {
+        let epoch = self.head_epoch.get(usize::from(head)).copied().unwrap_or(self.mem_epoch);
+        if epoch == self.mem_epoch {
+            self.epoch_inflight = self.epoch_inflight.saturating_sub(1);
+        } else if let Some(i) = self.retired_mem.iter().position(|r| r.epoch == epoch) {
+            let r = &mut self.retired_mem[i];
+            r.pending = r.pending.saturating_sub(1);
+            if r.pending == 0 {
+                self.retired_mem.swap_remove(i);
+            }
+        }
+    }
+
+    /// For a chain refused as malformed (a buffer outside guest memory, say): its last byte, if
+    /// the chain ends in a device-writable descriptor whose last byte is in guest memory. That is
+    /// where a virtio-blk driver looks for the status, so it can be told about the error rather
+    /// than find whatever the byte held. Split rings only.
+    pub fn bad_chain_last_byte(&self, head: u16) -> Option<vstor_bdev::IoVecs> {
+        let mem = self.vq.memory();
+        let (addr, len) = final_writable(mem, &self.params, head)?;
+        let last = addr.checked_add(u64::from(len) - 1)?;
+        let mut iov = vstor_bdev::IoVecs::new();
+        mem.append_iovecs(last, 1, &mut iov).ok()?;
+        Some(iov)
+    }
+
     /// Returns chain `head` (using `ndesc` ring slots) with `len` bytes written to the driver.
     pub fn complete(&mut self, head: u16, ndesc: u16, len: u32) {
         self.vq.push_used(head, ndesc, len);
@@ -99,9 +214,7 @@ impl QueueCore {
         self.completed += 1;
         self.window_done += 1;
         self.need_call = true;
-        if self.inflight == 0 && !self.retired_mem.is_empty() {
-            self.retired_mem.clear();
-        }
+        self.release_epoch(head);
         if self.inflight <= self.parked && self.stopping {
             if let Some(tx) = self.drained.take() {
                 let _ = tx.send(());
@@ -115,8 +228,8 @@ impl QueueCore {
     pub fn mark_written(&self, iovs: &vstor_bdev::IoVecs) {
         if let Some(log) = &self.dirty {
             self.vq.memory().mark_dirty(log, iovs);
-            for m in &self.retired_mem {
-                m.mark_dirty(log, iovs);
+            for r in &self.retired_mem {
+                r.mem.mark_dirty(log, iovs);
             }
         }
     }
@@ -288,6 +401,7 @@ impl VirtqPoller {
         epoll: EpollHandle,
     ) -> Result<Self, vstor_virtio::QueueError> {
         let mut vq = Virtqueue::new(&s.params, s.mem)?;
+        let params = s.params;
         let mut resubmit = VecDeque::new();
         let mut inflight_map = None;
         if let Some(map) = s.inflight {
@@ -348,6 +462,10 @@ impl VirtqPoller {
             irq_delay: 0,
             next_call: now,
             retired_mem: Vec::new(),
+            mem_epoch: 0,
+            epoch_inflight: 0,
+            head_epoch: vec![0; usize::from(params.size)],
+            params,
             resubmit,
             _inflight: inflight_map,
             dirty: None,
@@ -363,10 +481,13 @@ impl VirtqPoller {
     pub fn set_memory(&mut self, mem: Arc<GuestMemory>) {
         let mut st = self.cell.0.borrow_mut();
         let core = &mut st.core;
-        if core.inflight > 0 {
+        if core.epoch_inflight > 0 {
             // Requests in flight point into the old snapshot: keep it mapped until they finish.
-            core.retired_mem.push(core.vq.memory().clone());
+            let old = core.vq.memory().clone();
+            core.retired_mem.push(Retired { epoch: core.mem_epoch, mem: old, pending: core.epoch_inflight });
         }
+        core.mem_epoch = core.mem_epoch.wrapping_add(1);
+        core.epoch_inflight = 0;
         if let Err(e) = core.vq.set_memory(mem) {
             core.mark_broken(&e);
         }
@@ -469,12 +590,12 @@ impl Poller for VirtqPoller {
         while let Some(head) = core.resubmit.pop_front() {
             match core.vq.resubmit(head) {
                 Ok(chain) => {
-                    core.inflight += 1;
+                    core.took(chain.head);
                     handler.handle(core, chain, cell);
                 }
                 Err(PopError::Chain { head, ndesc, kind }) => {
                     tracing::debug!(ctrlr = %core.name, queue = core.index, head, "bad resubmitted chain: {kind}");
-                    core.inflight += 1;
+                    core.took(head);
                     handler.bad_chain(core, head, ndesc);
                 }
                 Err(PopError::Fatal(f)) => {
@@ -485,16 +606,16 @@ impl Poller for VirtqPoller {
             taken += 1;
         }
         if !core.stopping {
-            while taken < POLL_BUDGET {
+            while taken < POLL_BUDGET && !core.broken {
                 match core.vq.pop() {
                     None => break,
                     Some(Ok(chain)) => {
-                        core.inflight += 1;
+                        core.took(chain.head);
                         handler.handle(core, chain, cell);
                     }
                     Some(Err(PopError::Chain { head, ndesc, kind })) => {
                         tracing::debug!(ctrlr = %core.name, queue = core.index, head, "bad descriptor chain: {kind}");
-                        core.inflight += 1;
+                        core.took(head);
                         handler.bad_chain(core, head, ndesc);
                     }
                     Some(Err(PopError::Fatal(f))) => {
@@ -536,5 +657,65 @@ impl Poller for VirtqPoller {
 
     fn name(&self) -> &str {
         "virtqueue"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstor_mem::{memfd, Region};
+    use vstor_virtio::RingAddrs;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        d
+    }
+
+    #[test]
+    fn the_last_writable_descriptor_of_a_chain_is_found_under_the_ring_rules() {
+        let f = memfd("t", 1 << 20).unwrap();
+        let mem = GuestMemory::new(vec![Region::map(&f, 0, 1 << 20, 0, 0).unwrap()]).unwrap();
+        let p = QueueParams {
+            size: 8,
+            addrs: RingAddrs { desc: 0x1000, driver: 0x2000, device: 0x3000 },
+            packed: false,
+            event_idx: false,
+            indirect: true,
+            base: 0,
+        };
+        let set = |i: u64, d: [u8; 16]| mem.write(0x1000 + 16 * i, &d).unwrap();
+        // 0 -> 1 -> 2 (writable, 1 byte at 0x9000).
+        set(0, desc(0x8000, 16, F_NEXT, 1));
+        set(1, desc(0x1_0000_0000, 512, F_NEXT | F_WRITE, 2));
+        set(2, desc(0x9000, 1, F_WRITE, 0));
+        assert_eq!(final_writable(&mem, &p, 0), Some((0x9000, 1)));
+        // A read-only last descriptor: no status byte.
+        set(3, desc(0x8000, 16, 0, 0));
+        assert_eq!(final_writable(&mem, &p, 3), None);
+        // A loop, and a next index out of range.
+        set(4, desc(0x8000, 16, F_NEXT, 5));
+        set(5, desc(0x9000, 1, F_WRITE | F_NEXT, 4));
+        assert_eq!(final_writable(&mem, &p, 4), None);
+        set(6, desc(0x8000, 16, F_NEXT, 200));
+        assert_eq!(final_writable(&mem, &p, 6), None);
+        // Indirect: a table of two ending in a writable byte; nested tables are not followed.
+        mem.write(0x4000, &[desc(0x8000, 16, F_NEXT, 1), desc(0x9100, 4, F_WRITE, 0)].concat()).unwrap();
+        set(7, desc(0x4000, 32, F_INDIRECT, 0));
+        assert_eq!(final_writable(&mem, &p, 7), Some((0x9100, 4)));
+        mem.write(0x5000, &desc(0x4000, 32, F_INDIRECT, 0)).unwrap();
+        set(7, desc(0x5000, 16, F_INDIRECT, 0));
+        assert_eq!(final_writable(&mem, &p, 7), None);
+        // A table outside memory, or of a bad length.
+        set(7, desc(1 << 30, 32, F_INDIRECT, 0));
+        assert_eq!(final_writable(&mem, &p, 7), None);
+        set(7, desc(0x4000, 24, F_INDIRECT, 0));
+        assert_eq!(final_writable(&mem, &p, 7), None);
+        assert_eq!(final_writable(&mem, &QueueParams { indirect: false, ..p }, 0), Some((0x9000, 1)));
+        assert_eq!(final_writable(&mem, &QueueParams { packed: true, ..p }, 0), None);
+        assert_eq!(final_writable(&mem, &p, 8), None, "head out of range");
     }
 }

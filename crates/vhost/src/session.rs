@@ -6,10 +6,11 @@
 //! is a message to that queue's reactor, and the reply is sent only after the reactor acknowledged
 //! (so GET_VRING_BASE answers once the ring is stopped and drained).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
@@ -24,10 +25,25 @@ use crate::CtrlShared;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// VHOST_F_LOG_ALL (bit 26): the frontend is migrating; log every guest page the device writes.
 pub const F_LOG_ALL: u64 = 1 << 26;
-/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+/// Memory slots offered with CONFIGURE_MEM_SLOTS: the most regions one connection's memory table
+/// may have (SET_MEM_TABLE carries at most 32; ADD_MEM_REG adds one at a time).
 pub const MAX_MEM_SLOTS: u64 = 509;
+/// Largest memory table (the guest's RAM) one connection may map, in bytes.
+pub const MAX_TABLE_BYTES: u64 = 16 << 40;
+/// Most bytes one connection keeps mapped at a time: its memory table plus the tables it replaced
+/// that requests still in flight point into (a table being replaced and its successor fit).
+pub const MAX_MAPPED_BYTES: u64 = 2 * MAX_TABLE_BYTES;
+/// Most memory tables one connection keeps mapped at a time (the current one and replaced ones
+/// that requests still in flight point into). Each table brings at most 32 new mappings.
+pub const MAX_LIVE_TABLES: usize = 64;
+/// Largest dirty log (SET_LOG_BASE): one bit per 4 KiB page, so 1 GiB covers guest addresses up
+/// to 32 TiB.
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
 /// How long a stop waits for in-flight requests before giving up on them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a new memory table waits for requests in flight to release replaced tables when the
+/// connection is at its limit of tables or bytes kept mapped.
+const TABLE_WAIT: Duration = STOP_TIMEOUT;
 /// Largest config space read accepted.
 const MAX_CONFIG: u32 = 256;
 
@@ -67,12 +83,62 @@ fn dup(f: &Option<File>) -> Option<File> {
     f.as_ref().and_then(|f| f.try_clone().ok())
 }
 
+/// `bytes` for people: "16 TiB", "1.5 GiB", "4096 bytes".
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut whole = bytes;
+    while whole >= 1024 && unit + 1 < UNITS.len() {
+        whole /= 1024;
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes} bytes");
+    }
+    let scale = 1u64 << (10 * unit);
+    let tenths = (bytes % scale).saturating_mul(10) / scale;
+    if tenths == 0 {
+        format!("{whole} {}", UNITS[unit])
+    } else {
+        format!("{whole}.{tenths} {}", UNITS[unit])
+    }
+}
+
+/// A refused region, for the log: the OS error by name where mmap failed.
+fn region_error(e: &vstor_mem::MemError) -> String {
+    match e {
+        vstor_mem::MemError::Map { gpa, errno } => {
+            format!("cannot map region at guest address {gpa:#x}: {}", std::io::Error::from_raw_os_error(*errno))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Bytes mapped by the distinct mappings behind `tables` (tables share the mappings of the
+/// regions they have in common).
+fn mapped_bytes(tables: &[Weak<GuestMemory>]) -> u64 {
+    let mut seen = HashSet::new();
+    let mut total = 0u64;
+    for t in tables.iter().filter_map(Weak::upgrade) {
+        for r in t.regions() {
+            let (base, len) = r.page_range();
+            if seen.insert(base) {
+                total = total.saturating_add(u64::try_from(len).unwrap_or(u64::MAX));
+            }
+        }
+    }
+    total
+}
+
 /// Protocol state of one connection.
 pub(crate) struct Session {
     ctrl: Arc<CtrlShared>,
     features: u64,
     protocol: u64,
     mem: Arc<GuestMemory>,
+    /// Every memory table this connection installed that is still mapped (the current one, and
+    /// replaced ones that requests in flight point into): what the mapping limits count.
+    tables: Vec<Weak<GuestMemory>>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightMap>>,
     /// The migration dirty log (SET_LOG_BASE).
@@ -96,6 +162,7 @@ impl Session {
             features: 0,
             protocol: 0,
             mem: Arc::new(GuestMemory::empty()),
+            tables: Vec::new(),
             vrings,
             inflight: None,
             log: None,
@@ -176,7 +243,14 @@ impl Session {
             return Ok(());
         }
         let Some(va) = v.addrs else { return Ok(()) };
-        let addrs = self.gpa_addrs(va).ok_or_else(|| err(format!("vring {i} addresses are not in guest memory")))?;
+        let Some(addrs) = self.gpa_addrs(va) else {
+            // The frontend would wait forever on a ring that cannot run.
+            self.close = true;
+            return Err(err(format!(
+                "vring {i}: addresses (descriptors {:#x}, available {:#x}, used {:#x}) are not in guest memory",
+                va.0, va.1, va.2
+            )));
+        };
         let params = QueueParams {
             size: v.num,
             addrs,
@@ -201,21 +275,29 @@ impl Session {
         let reactor = self.reactor_for(i);
         let backend = self.ctrl.backend.clone();
         let features = self.features;
-        let id = reactor
-            .call(move |r| -> Result<PollerId, String> {
+        // Err((rings_bad, why)): bad rings are the frontend's fault and end the connection; a
+        // device that cannot start now (a bdev busy on the other side of a handover) does not.
+        let started = reactor
+            .call(move |r| -> Result<PollerId, (bool, String)> {
                 let index = start.index;
-                let handler = backend.make_handler(r, index, start.params.size, features)?;
+                let handler = backend.make_handler(r, index, start.params.size, features).map_err(|e| (false, e))?;
                 match VirtqPoller::new(start, handler, r.epoll()) {
                     Ok(p) => Ok(r.add_poller(Box::new(p))),
                     Err(e) => {
                         // Undo what make_handler took (e.g. the bdev activation).
                         backend.queue_stopped(index);
-                        Err(e.to_string())
+                        Err((true, e.to_string()))
                     }
                 }
             })
-            .map_err(|e| err(e.to_string()))?
-            .map_err(|e| err(format!("starting vring {i}: {e}")))?;
+            .map_err(|e| err(e.to_string()))?;
+        let id = match started {
+            Ok(id) => id,
+            Err((rings_bad, why)) => {
+                self.close |= rings_bad;
+                return Err(err(format!("starting vring {i}: {why}")));
+            }
+        };
         tracing::info!(ctrlr = %self.ctrl.name, queue = i, core = reactor.core(), size = v.num, base = v.base,
             packed = params.packed, event_idx = params.event_idx, "vring started");
         self.vrings[i].running = Some((reactor.clone(), id, addrs));
@@ -261,6 +343,8 @@ impl Session {
     /// Installs a new memory table and moves running queues onto it.
     fn set_memory(&mut self, mem: GuestMemory) -> VuResult<()> {
         self.mem = Arc::new(mem);
+        self.tables.retain(|t| t.strong_count() > 0);
+        self.tables.push(Arc::downgrade(&self.mem));
         tracing::info!(ctrlr = %self.ctrl.name, regions = self.mem.regions().len(), bytes = self.mem.total_size(), "memory table set");
         for i in 0..self.vrings.len() {
             let Some((h, id, old)) = self.vrings[i].running.clone() else { continue };
@@ -281,6 +365,74 @@ impl Session {
         Ok(())
     }
 
+    /// Checks that this connection may map a new memory table that brings `new_bytes` of new
+    /// mappings. At its limit of tables or bytes kept mapped, it waits (the frontend waits for the
+    /// reply) for requests in flight to complete and release replaced tables; a table too large
+    /// by itself, or a wait that does not end, is refused and ends the connection.
+    fn admit_table(&mut self, what: &str, table_bytes: u64, new_bytes: u64) -> VuResult<()> {
+        if table_bytes > MAX_TABLE_BYTES {
+            self.close = true;
+            return Err(err(format!(
+                "{what}: a memory table of {table_bytes} bytes ({}) is over the limit of {MAX_TABLE_BYTES} bytes ({}) per connection",
+                human(table_bytes),
+                human(MAX_TABLE_BYTES)
+            )));
+        }
+        let deadline = Instant::now() + TABLE_WAIT;
+        let mut waiting_since = None;
+        loop {
+            self.tables.retain(|t| t.strong_count() > 0);
+            let live = self.tables.len();
+            let mapped = mapped_bytes(&self.tables);
+            let total = mapped.saturating_add(new_bytes);
+            if live < MAX_LIVE_TABLES && total <= MAX_MAPPED_BYTES {
+                if let Some(t) = waiting_since {
+                    tracing::info!(ctrlr = %self.ctrl.name, waited = ?Instant::now().duration_since(t),
+                        "{what}: replaced memory tables released; going on");
+                }
+                return Ok(());
+            }
+            let state = format!(
+                "{live} memory tables ({}) still mapped for requests in flight, plus {} new; limits: {MAX_LIVE_TABLES} tables, {} per connection",
+                human(mapped),
+                human(new_bytes),
+                human(MAX_MAPPED_BYTES)
+            );
+            if Instant::now() >= deadline {
+                self.close = true;
+                return Err(err(format!("{what}: {state}, and requests did not complete within {TABLE_WAIT:?}")));
+            }
+            if waiting_since.is_none() {
+                tracing::warn!(ctrlr = %self.ctrl.name, "{what}: {state}: waiting for requests in flight to complete");
+                waiting_since = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Checks ring addresses against the memory table, if there is one (they may come first).
+    fn check_ring_addrs(&self, index: u32, va: (u64, u64, u64)) -> Result<(), String> {
+        if self.mem.regions().is_empty() {
+            return Ok(());
+        }
+        let v = self.vrings.get(usize::try_from(index).unwrap_or(usize::MAX));
+        let n = u64::from(v.map_or(1, |v| v.num.max(1)));
+        let areas = if self.features & vf::RING_PACKED != 0 {
+            [("descriptor ring", va.0, 16 * n), ("driver area", va.1, 4), ("device area", va.2, 4)]
+        } else {
+            [("descriptor table", va.0, 16 * n), ("available ring", va.1, 6 + 2 * n), ("used ring", va.2, 6 + 8 * n)]
+        };
+        for (name, addr, len) in areas {
+            let ok = self.mem.va_to_gpa(addr).and_then(|gpa| self.mem.translate(gpa, len)).is_some();
+            if !ok {
+                return Err(format!(
+                    "vring {index}: {name} at frontend address {addr:#x} ({len} bytes) is not inside one guest memory region"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn map_inflight(&self, file: &File, offset: u64, size: u64, nq: u16, qs: u16) -> VuResult<Arc<InflightMap>> {
         let region = Region::map(file, 0, size, 0, offset).map_err(|e| err(format!("in-flight region: {e}")))?;
         if !(region.host() as usize).is_multiple_of(8) {
@@ -294,6 +446,7 @@ impl Session {
     pub fn teardown(&mut self) {
         self.stop_all();
         self.mem = Arc::new(GuestMemory::empty());
+        self.tables.clear();
         self.inflight = None;
         self.log = None;
         self.uffd = None;
@@ -364,16 +517,38 @@ impl VhostUserBackendReqHandlerMut for Session {
         files: Vec<File>,
         postcopy_listening: Option<bool>,
     ) -> VuResult<Option<Vec<u64>>> {
+        // A memory table vstor cannot use leaves the device unusable, and the frontend may not have
+        // asked for a reply: every refusal below ends the connection.
         if ctx.len() != files.len() {
-            return Err(err("memory table: region and fd counts differ"));
+            self.close = true;
+            return Err(err(format!("SET_MEM_TABLE: {} regions but {} file descriptors", ctx.len(), files.len())));
         }
+        if ctx.len() as u64 > MAX_MEM_SLOTS {
+            self.close = true;
+            return Err(err(format!(
+                "SET_MEM_TABLE: {} regions; the limit is {MAX_MEM_SLOTS} per connection",
+                ctx.len()
+            )));
+        }
+        let bytes = ctx.iter().try_fold(0u64, |a, r| a.checked_add(r.memory_size)).unwrap_or(u64::MAX);
+        self.admit_table("SET_MEM_TABLE", bytes, bytes)?;
         let mut regions = Vec::with_capacity(ctx.len());
         for (r, f) in ctx.iter().zip(files.iter()) {
-            let region = Region::map(f, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset)
-                .map_err(|e| err(format!("memory table: {e}")))?;
-            regions.push(region);
+            match Region::map(f, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset) {
+                Ok(region) => regions.push(region),
+                Err(e) => {
+                    self.close = true;
+                    return Err(err(format!("SET_MEM_TABLE: {}", region_error(&e))));
+                }
+            }
         }
-        let mem = GuestMemory::new(regions).map_err(|e| err(format!("memory table: {e}")))?;
+        let mem = match GuestMemory::new(regions) {
+            Ok(m) => m,
+            Err(e) => {
+                self.close = true;
+                return Err(err(format!("SET_MEM_TABLE: {e}")));
+            }
+        };
         let bases = if postcopy_listening == Some(true) {
             // Register before any queue can touch the new mapping.
             let bases = mem.regions().iter().map(|r| self.postcopy_register(r)).collect::<VuResult<Vec<u64>>>()?;
@@ -403,8 +578,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         available: u64,
         log: u64,
     ) -> VuResult<()> {
+        self.ring(index)?;
+        let va = (descriptor, available, used);
+        if let Err(e) = self.check_ring_addrs(index, va) {
+            // The frontend may not have asked for a reply, and would wait on a dead ring.
+            self.close = true;
+            return Err(err(e));
+        }
         let v = self.ring(index)?;
-        v.addrs = Some((descriptor, available, used));
+        v.addrs = Some(va);
         v.log_addr = flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG).then_some(log);
         if v.running.is_some() {
             // Only the logging address may change on a running ring (QEMU re-sends the address
@@ -570,11 +752,23 @@ impl VhostUserBackendReqHandlerMut for Session {
         fd: File,
         postcopy_listening: Option<bool>,
     ) -> VuResult<Option<u64>> {
-        if self.mem.regions().len() as u64 >= MAX_MEM_SLOTS {
-            return Err(err(format!("more than {MAX_MEM_SLOTS} memory regions")));
+        let have = self.mem.regions().len() as u64;
+        if have >= MAX_MEM_SLOTS {
+            self.close = true;
+            return Err(err(format!(
+                "ADD_MEM_REG: region {} would be over the limit of {MAX_MEM_SLOTS} memory regions per connection",
+                have + 1
+            )));
         }
-        let region = Region::map(&fd, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset)
-            .map_err(|e| err(format!("ADD_MEM_REG: {e}")))?;
+        let table = self.mem.total_size().saturating_add(r.memory_size);
+        self.admit_table("ADD_MEM_REG", table, r.memory_size)?;
+        let region = match Region::map(&fd, r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset) {
+            Ok(region) => region,
+            Err(e) => {
+                self.close = true;
+                return Err(err(format!("ADD_MEM_REG: {}", region_error(&e))));
+            }
+        };
         let base = if postcopy_listening == Some(true) {
             let base = self.postcopy_register(&region)?;
             tracing::info!(ctrlr = %self.ctrl.name, region = ?region, "postcopy: memory registered with userfaultfd");
@@ -582,7 +776,13 @@ impl VhostUserBackendReqHandlerMut for Session {
         } else {
             None
         };
-        let mem = self.mem.with_region(region).map_err(|e| err(format!("ADD_MEM_REG: {e}")))?;
+        let mem = match self.mem.with_region(region) {
+            Ok(m) => m,
+            Err(e) => {
+                self.close = true;
+                return Err(err(format!("ADD_MEM_REG: {e}")));
+            }
+        };
         self.set_memory(mem)?;
         Ok(base)
     }
@@ -651,6 +851,14 @@ impl VhostUserBackendReqHandlerMut for Session {
             return Err(err("dirty logging was not offered"));
         }
         let (size, offset) = (log.mmap_size, log.mmap_offset);
+        if size > MAX_LOG_BYTES {
+            self.close = true;
+            return Err(err(format!(
+                "SET_LOG_BASE: a dirty log of {size} bytes ({}) is over the limit of {MAX_LOG_BYTES} bytes ({})",
+                human(size),
+                human(MAX_LOG_BYTES)
+            )));
+        }
         let l = vstor_mem::DirtyLog::map(&file, size, offset).map_err(|e| {
             self.close = true;
             err(format!("dirty log: {e}"))
@@ -659,5 +867,21 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.log = Some(Arc::new(l));
         self.update_logging();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human(0), "0 bytes");
+        assert_eq!(human(1023), "1023 bytes");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(1 << 30), "1 GiB");
+        assert_eq!(human(MAX_TABLE_BYTES), "16 TiB");
+        assert_eq!(human(18 << 40), "18 TiB");
+        assert_eq!(human(u64::MAX), "16383.9 PiB");
     }
 }

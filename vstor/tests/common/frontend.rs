@@ -214,6 +214,9 @@ impl TestFrontend {
     pub fn stop_logging(&mut self) {
         self.features &= !(1 << 26);
         self.fe.set_features(self.features).unwrap();
+        // SET_FEATURES has no reply: a round trip makes sure vstor applied it before the next
+        // request is made available.
+        self.fe.get_features().unwrap();
     }
 
     /// Device config bytes.
