@@ -486,7 +486,9 @@ impl<'a> Session<'a> {
             if ready[2] {
                 return Exit::Stop;
             }
-            if ready[1] {
+            // The attached client first: if it has gone (EOF pending), a new connection waiting
+            // in the backlog is the next client, not a second one.
+            if ready[1] && !ready[0] {
                 if let Ok((extra, _)) = listener.accept() {
                     tracing::warn!("refusing a second vfio-user client while one is attached");
                     drop(extra);
