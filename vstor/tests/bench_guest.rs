@@ -131,30 +131,74 @@ fn guest_fio_through_each_target() {
     }
     if want("qemu-storage-daemon") && Command::new("qemu-storage-daemon").arg("--version").output().is_ok() {
         let sock = dir.path().join("qsd.sock");
-        let mut c = spawn(Command::new("taskset").args(["-c", "1", "qemu-storage-daemon"]).args([
+        let c = KillOnDrop(spawn(Command::new("taskset").args(["-c", "1", "qemu-storage-daemon"]).args([
             "--blockdev",
             &format!("driver=file,node-name=f0,filename={},aio=io_uring", img.display()),
             "--export",
             &format!("type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on", sock.display()),
-        ]));
+        ])));
         wait_sock(&sock);
-        bench("qemu-storage-daemon (blk)", c.id(), "vda", blk_dev(&sock), dir.path());
-        let _ = c.kill();
-        let _ = c.wait();
+        bench("qemu-storage-daemon (blk)", c.0.id(), "vda", blk_dev(&sock), dir.path());
     }
     let vds = std::env::var("VHOST_DEVICE_SCSI").unwrap_or_else(|_| "vhost-device-scsi".into());
     if want("vhost-device-scsi") && Command::new(&vds).arg("--help").output().is_ok() {
         let sock = dir.path().join("vds.sock");
-        let mut c = spawn(Command::new("taskset").args(["-c", "1", &vds]).args([
+        let c = KillOnDrop(spawn(Command::new("taskset").args(["-c", "1", &vds]).args([
             "--socket-path",
             sock.to_str().unwrap(),
             "--solid-state",
             img.to_str().unwrap(),
-        ]));
+        ])));
         wait_sock(&sock);
-        bench("vhost-device-scsi", c.id(), "sda", scsi_dev(&sock), dir.path());
-        let _ = c.kill();
-        let _ = c.wait();
+        bench("vhost-device-scsi", c.0.id(), "sda", scsi_dev(&sock), dir.path());
     }
     let _ = std::fs::remove_file(&img);
+}
+
+/// What a guest finds on vstor's vhost-user-scsi and on vhost-device-scsi, each with two 64 MiB
+/// file disks (`scripts/bench-guest.sh` runs it; BENCHMARKS.md records the table).
+#[test]
+#[ignore = "comparison: run by scripts/bench-guest.sh"]
+fn scsi_survey_vstor_and_vhost_device_scsi() {
+    assert!(guest::available(), "QEMU, a guest kernel and fio are needed (scripts/deps.sh)");
+    let dir = test_dir();
+    let imgs: Vec<_> = (0..2).map(|i| dir.path().join(format!("s{i}.img"))).collect();
+    let survey = |name: &str, sock: &Path, dir: &Path| {
+        let mut o = GuestOpts::new("scsi_survey");
+        o.devices = scsi_dev(sock);
+        let r = guest::run(&o, dir);
+        for l in r.console.lines().filter_map(|l| l.strip_prefix("SURVEY ")) {
+            println!("SURVEY {name:<18} {l}");
+        }
+    };
+    for i in &imgs {
+        std::fs::File::create(i).unwrap().set_len(64 << 20).unwrap();
+    }
+    {
+        let d = Daemon::start(&["--cpumask", "0x2"]);
+        for (n, i) in imgs.iter().enumerate() {
+            d.rpc_ok("bdev_uring_create", json!({"name": format!("U{n}"), "filename": i.to_str().unwrap()}));
+        }
+        d.rpc_ok("vhost_create_scsi_controller", json!({"ctrlr": "vs"}));
+        for n in 0..2 {
+            d.rpc_ok(
+                "vhost_scsi_controller_add_target",
+                json!({"ctrlr": "vs", "scsi_target_num": n, "bdev_name": format!("U{n}")}),
+            );
+        }
+        survey("vstor-scsi", &d.dir.path().join("vs"), dir.path());
+    }
+    for i in &imgs {
+        std::fs::File::create(i).unwrap().set_len(64 << 20).unwrap();
+    }
+    let vds = std::env::var("VHOST_DEVICE_SCSI").unwrap_or_else(|_| "vhost-device-scsi".into());
+    if Command::new(&vds).arg("--help").output().is_ok() {
+        let sock = dir.path().join("vds.sock");
+        let c = KillOnDrop(spawn(
+            Command::new(&vds).args(["--socket-path", sock.to_str().unwrap(), "--solid-state"]).args(&imgs),
+        ));
+        wait_sock(&sock);
+        survey("vhost-device-scsi", &sock, dir.path());
+        drop(c);
+    }
 }
