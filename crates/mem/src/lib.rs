@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use vstor_bdev::IoVecs;
 
+pub mod sigbus;
 mod uffd;
 pub use uffd::Userfault;
 
@@ -42,6 +43,9 @@ pub enum MemError {
 struct Mapping {
     base: *mut u8,
     len: usize,
+    /// Protection against the file being truncated under it (see [`sigbus`]); taken (and so
+    /// unregistered) before the unmap.
+    guard: Option<sigbus::Registration>,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; all access to its bytes goes through
@@ -52,6 +56,7 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        drop(self.guard.take());
         // SAFETY: `base`/`len` come from a successful mmap and are unmapped once.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
@@ -126,7 +131,8 @@ impl Region {
         if p == libc::MAP_FAILED {
             return Err(MemError::Map { gpa, errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0) });
         }
-        let map = Arc::new(Mapping { base: p.cast(), len: map_len });
+        let guard = sigbus::register(p as usize, map_len);
+        let map = Arc::new(Mapping { base: p.cast(), len: map_len, guard: Some(guard) });
         // SAFETY: `delta < page <= map_len`, so the pointer stays inside the mapping.
         let host = unsafe { map.base.add(usize::try_from(delta).unwrap_or(0)) };
         Ok(Region { gpa, size, user_addr, offset, host, _map: map })
@@ -135,6 +141,12 @@ impl Region {
     /// Host address of the region's first byte.
     pub fn host(&self) -> *mut u8 {
         self.host
+    }
+
+    /// Whether the VMM truncated the file under this region (some of its pages were lost and
+    /// now read as zeroes; see [`sigbus`]).
+    pub fn lost(&self) -> bool {
+        self._map.guard.as_ref().is_some_and(sigbus::Registration::lost)
     }
 
     /// The page-aligned host range (start, length) of the mapping behind this region.

@@ -63,6 +63,7 @@ const ALLOWED: &[libc::c_long] = &[
     // Signals and thread exit.
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
     libc::SYS_tgkill,
     libc::SYS_exit,
