@@ -292,7 +292,7 @@ impl Driver {
     pub fn new(opts: Opts) -> Driver {
         let reactors = Reactors::start(
             &CpuMask::from_cores(0..opts.reactors),
-            ReactorConfig { mode: opts.mode, idle_threshold: Duration::from_micros(200), pin: false },
+            ReactorConfig { mode: opts.mode, idle_threshold: Duration::from_micros(200), pin: false, seccomp: false },
         )
         .unwrap();
         let irq = Arc::new(CountingIrq::default());
