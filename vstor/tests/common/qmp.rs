@@ -37,9 +37,17 @@ impl Qmp {
     }
 
     fn read(&mut self) -> Value {
+        self.try_read().unwrap_or_else(|e| panic!("QMP read: {e}"))
+    }
+
+    /// The next message; an error once QEMU has closed the connection (it quit or died).
+    fn try_read(&mut self) -> Result<Value, String> {
         let mut line = String::new();
-        self.r.read_line(&mut line).expect("QMP read");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP reply {line:?}: {e}"))
+        match self.r.read_line(&mut line) {
+            Ok(0) => Err("QEMU closed the QMP connection".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP reply {line:?}: {e}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Runs a command; returns its "return" value (panics on "error").
@@ -47,11 +55,14 @@ impl Qmp {
         self.try_cmd(name, args).unwrap_or_else(|e| panic!("QMP {name}: {e}"))
     }
 
+    /// Runs a command; an "error" reply, or a QEMU that is gone, is returned as `Err`.
     pub fn try_cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
         let req = json!({"execute": name, "arguments": args});
-        self.w.write_all(format!("{req}\n").as_bytes()).unwrap();
+        if let Err(e) = self.w.write_all(format!("{req}\n").as_bytes()) {
+            return Err(json!({"desc": format!("QMP write: {e}")}));
+        }
         loop {
-            let v = self.read();
+            let v = self.try_read().map_err(|e| json!({ "desc": e }))?;
             if v.get("event").is_some() {
                 self.events.push(v);
                 continue;
