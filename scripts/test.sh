@@ -20,9 +20,17 @@ export VSTOR_TEST_DIR="${VSTOR_TEST_DIR:-/var/tmp}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --release -- -D warnings
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace --release -- --test-threads="${VSTOR_TEST_THREADS:-4}"
+echo "== fuzz: the committed seeds through every harness, then every target under ASan"
+cargo test --manifest-path fuzz/Cargo.toml
+# VSTOR_FUZZ_SECS=0 skips the timed run (seeds above still run).
+if [ "${VSTOR_FUZZ_SECS:-60}" -gt 0 ]; then
+    ./scripts/fuzz.sh "${VSTOR_FUZZ_SECS:-60}"
+fi
 
 echo "== all tests passed in $(( $(date +%s) - start )) s"
