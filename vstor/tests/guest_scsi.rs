@@ -65,12 +65,21 @@ fn guest_sees_two_targets_and_follows_hot_add_and_hot_remove() {
         d.log()
     );
     std::thread::sleep(Duration::from_millis(500));
-    d.rpc_ok("vhost_scsi_controller_remove_target", json!({"ctrlr": "vs", "scsi_target_num": 1}));
+    // Hot-remove by deleting the bdev under the live LUN: the target goes (the guest is told,
+    // as with vhost_scsi_controller_remove_target), then the bdev.
+    d.rpc_ok("bdev_uring_delete", json!({"name": "U1"}));
+    assert!(d.rpc("bdev_get_bdevs", json!({"name": "U1"})).is_err(), "U1 is deleted");
+    let info = &d.rpc_ok("vhost_get_controllers", json!({"name": "vs"}))[0];
+    let targets: Vec<u64> = info["backend_specific"]["scsi"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["scsi_dev_num"].as_u64().unwrap())
+        .collect();
+    assert_eq!(targets, [0, 2], "{info}");
     let r = g.finish();
     r.assert_ok(1);
     assert!(r.console.contains("fio on target 0 passed during hot-remove"), "{}", r.tail(50));
-    // The removed target's bdev is free again: it can be deleted.
-    d.rpc_ok("bdev_uring_delete", json!({"name": "U1"}));
     let cfg = d.rpc_ok("framework_get_config", json!({"name": "vhost_scsi"}));
     let methods: Vec<&str> = cfg.as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
     assert_eq!(

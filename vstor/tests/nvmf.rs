@@ -117,9 +117,26 @@ fn subsystems_over_rpc_serve_data_and_survive_save_and_replay() {
     io(&mut c, 1, true);
     io(&mut c, 1, false);
 
-    // Claims: a namespace's bdev cannot be deleted.
-    let e = d.rpc("bdev_malloc_delete", json!({"name": "M0"})).unwrap_err();
-    assert_eq!(e["code"], -16, "{e}");
+    // Namespace hot-add, then hot-remove by deleting its bdev (as SPDK does on a bdev
+    // hot-remove): the connected host is told each time and rescans.
+    d.rpc_ok("bdev_malloc_create", json!({"name": "M9", "num_blocks": 2048, "block_size": 512}));
+    d.rpc_ok("nvmf_subsystem_add_ns", json!({"nqn": NQN, "namespace": {"bdev_name": "M9", "nsid": 7}}));
+    let nsids = |c: &NvmeClient| c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>();
+    let deadline = std::time::Instant::now() + T;
+    while nsids(&c) != [1, 5, 7] {
+        assert!(std::time::Instant::now() < deadline, "the host never saw namespace 7: {:?}", nsids(&c));
+        c.take_async_events().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.rpc_ok("bdev_malloc_delete", json!({"name": "M9"}));
+    while nsids(&c) != [1, 5] {
+        assert!(std::time::Instant::now() < deadline, "namespace 7 outlived its bdev: {:?}", nsids(&c));
+        c.take_async_events().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let subs = d.rpc_ok("nvmf_get_subsystems", json!({}));
+    assert_eq!(subs[1]["namespaces"].as_array().unwrap().len(), 2, "{subs}");
+    assert!(d.log().contains("hot-removing"), "the log says what happened");
     // Errors name what is wrong.
     let e = d.rpc("nvmf_subsystem_add_ns", json!({"nqn": NQN, "namespace": {"bdev_name": "nope"}})).unwrap_err();
     assert!(e["message"].as_str().unwrap().contains("bdev_name"), "{e}");

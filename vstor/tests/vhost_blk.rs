@@ -208,6 +208,7 @@ fn controllers_are_managed_over_rpc_and_saved_in_the_config() {
     // The bdev is claimed: it cannot be deleted under the controller.
     let e = d.rpc("bdev_malloc_delete", json!({"name": "M0"})).unwrap_err();
     assert_eq!(e["code"], -libc::EBUSY, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("vhost:vb0"), "the error names the holder: {e}");
     d.rpc_ok("vhost_controller_set_coalescing", json!({"ctrlr": "vb0", "delay_base_us": 50, "iops_threshold": 10000}));
     let info = &d.rpc_ok("vhost_get_controllers", json!(null))[0];
     assert_eq!((info["ctrlr"].as_str(), info["delay_base_us"].as_u64()), (Some("vb0"), Some(50)));

@@ -67,6 +67,10 @@ pub struct BdevParams {
 pub enum BdevEvent {
     /// The capacity changed to this many blocks.
     Resized { num_blocks: u64 },
+    /// The operator asked to delete the bdev (a `bdev_*_delete` RPC). Holders that can let go
+    /// (a SCSI target: hot-remove the LUN and tell the guest) release their claims before the
+    /// listener returns; the delete goes ahead only if no claim is left.
+    RemoveRequested,
 }
 
 /// Who holds a bdev. A bdev with any claim cannot be deleted.
@@ -76,7 +80,7 @@ pub struct Claim {
     pub exclusive: bool,
 }
 
-type Listener = (u64, Box<dyn Fn(&BdevEvent) + Send + Sync>);
+type Listener = (u64, Arc<dyn Fn(&BdevEvent) + Send + Sync>);
 
 #[derive(Default)]
 struct StatsSet {
@@ -285,7 +289,7 @@ impl Bdev {
     /// Registers `f` for events; returns an id for [`unlisten`](Self::unlisten).
     pub fn listen(&self, f: impl Fn(&BdevEvent) + Send + Sync + 'static) -> u64 {
         let id = self.next_listener.fetch_add(1, Ordering::Relaxed);
-        lock(&self.listeners).push((id, Box::new(f)));
+        lock(&self.listeners).push((id, Arc::new(f)));
         id
     }
 
@@ -293,10 +297,18 @@ impl Bdev {
         lock(&self.listeners).retain(|(i, _)| *i != id);
     }
 
+    /// Calls every listener, outside the listener lock (a listener may unlisten itself).
     fn notify(&self, ev: &BdevEvent) {
-        for (_, f) in lock(&self.listeners).iter() {
+        let listeners: Vec<_> = lock(&self.listeners).iter().map(|(_, f)| f.clone()).collect();
+        for f in listeners {
             f(ev);
         }
+    }
+
+    /// Tells the bdev's users that the operator wants it deleted (see
+    /// [`BdevEvent::RemoveRequested`]). Returns once every listener has run.
+    pub fn request_remove(&self) {
+        self.notify(&BdevEvent::RemoveRequested);
     }
 
     pub(crate) fn register_stats(&self, s: &Arc<ChannelStats>) {

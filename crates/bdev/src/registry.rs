@@ -86,15 +86,26 @@ impl BdevRegistry {
 
     /// Removes `name` if `accept` approves of its backend (so `bdev_malloc_delete` cannot delete
     /// a null bdev). Refused while the bdev is claimed.
+    ///
+    /// A claimed bdev's users are first asked to let go ([`Bdev::request_remove`]): a SCSI target
+    /// hot-removes its LUN, say. Claims that remain (a vhost-blk controller, an NVMe namespace)
+    /// refuse the delete with [`BdevError::Claimed`] naming the holder.
     pub fn unregister(&self, name: &str, product: &str) -> Result<Arc<Bdev>, BdevError> {
-        let mut m = self.lock();
-        let b = m.get(name).cloned().ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+        let b = self.lock().get(name).cloned().ok_or_else(|| BdevError::NotFound(name.to_string()))?;
         if b.product_name() != product {
             return Err(BdevError::WrongType {
                 name: name.to_string(),
                 is: b.product_name(),
                 expected: product.to_string(),
             });
+        }
+        if b.is_claimed() {
+            // Without the registry lock: holders may take a while (in-flight I/O drains).
+            b.request_remove();
+        }
+        let mut m = self.lock();
+        if !m.get(name).is_some_and(|x| Arc::ptr_eq(x, &b)) {
+            return Err(BdevError::NotFound(name.to_string()));
         }
         if let Some(c) = b.claims().first() {
             return Err(BdevError::Claimed { name: name.to_string(), owner: c.owner.clone() });

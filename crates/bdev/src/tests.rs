@@ -262,6 +262,33 @@ fn registry_names_are_unique_and_claimed_bdevs_cannot_be_deleted() {
 }
 
 #[test]
+fn deleting_a_claimed_bdev_asks_its_holders_and_proceeds_only_if_they_let_go() {
+    let reg = BdevRegistry::new();
+    let b = reg.register(malloc::create(params("Malloc1", 512, 8), false).unwrap()).unwrap();
+    // A holder that lets go when asked (a SCSI target hot-removing its LUN), and one that
+    // does not (a vhost-blk controller).
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    b.claim("blk", true).unwrap();
+    let e = reg.unregister("Malloc1", malloc::PRODUCT).unwrap_err();
+    assert!(e.to_string().contains("blk"), "{e}");
+    b.release("blk");
+    b.claim("lun", true).unwrap();
+    let weak = Arc::downgrade(&b);
+    let a2 = asked.clone();
+    b.listen(move |e| {
+        if *e == BdevEvent::RemoveRequested {
+            a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(b) = weak.upgrade() {
+                b.release("lun");
+            }
+        }
+    });
+    reg.unregister("Malloc1", malloc::PRODUCT).unwrap();
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "asked once, when it held a claim");
+    assert!(reg.get("Malloc1").is_none());
+}
+
+#[test]
 fn shared_claims_coexist_but_exclude_an_exclusive_one() {
     let b = null::create(params("n1", 512, 8)).unwrap();
     b.claim("a", false).unwrap();

@@ -676,7 +676,10 @@ impl NvmeController {
             }
         };
         let weak = Arc::downgrade(inner);
-        let listener = bdev.listen(move |_ev| {
+        let listener = bdev.listen(move |ev| {
+            if !matches!(ev, vstor_bdev::BdevEvent::Resized { .. }) {
+                return;
+            }
             if let Some(inner) = weak.upgrade() {
                 inner.send_admin(move |a| a.ns_changed(nsid));
             }

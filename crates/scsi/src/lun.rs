@@ -98,6 +98,7 @@ impl Lun {
             BdevEvent::Resized { .. } => {
                 gen.fetch_add(1, Ordering::AcqRel);
             }
+            BdevEvent::RemoveRequested => {}
         });
         Arc::new(Lun {
             wce: AtomicBool::new(bdev.write_cache()),

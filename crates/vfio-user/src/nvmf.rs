@@ -512,6 +512,27 @@ impl NvmfManager {
         Ok(())
     }
 
+    /// Hot-removes every namespace backed by `bdev` (the bdev is being deleted, as SPDK does on a
+    /// bdev hot-remove): hosts get a Namespace Attribute Changed event, the claims are released.
+    /// Returns the (subsystem, nsid) pairs removed.
+    pub fn remove_namespaces_of(&self, bdev: &Bdev) -> Vec<(String, u32)> {
+        let found: Vec<(String, u32)> = self
+            .lock()
+            .subsystems
+            .iter()
+            .flat_map(|s| {
+                s.namespaces.iter().filter(|(_, ns)| std::ptr::eq(&*ns.bdev, bdev)).map(|(n, _)| (s.nqn.clone(), *n))
+            })
+            .collect();
+        for (nqn, nsid) in &found {
+            tracing::info!(nqn = %nqn, nsid, bdev = bdev.name(), "bdev deleted under a namespace: hot-removing it");
+            if let Err(e) = self.remove_ns(nqn, *nsid) {
+                tracing::warn!(nqn = %nqn, nsid, "hot-removing the namespace failed: {e}");
+            }
+        }
+        found
+    }
+
     /// `nvmf_subsystem_add_listener`: creates a controller for the subsystem on the manager's
     /// reactors, attaches its namespaces and serves it at `traddr/cntrl`.
     pub fn add_listener(&self, nqn: &str, addr: &ListenAddress) -> Result<(), NvmfError> {

@@ -141,10 +141,20 @@ impl ScsiDevice {
             let weak = Arc::downgrade(self);
             let tnum = u8::try_from(t).unwrap_or(0);
             let listener = bdev.listen(move |ev| {
-                let vstor_bdev::BdevEvent::Resized { .. } = ev;
-                if let Some(dev) = weak.upgrade() {
-                    // CAPACITY DATA HAS CHANGED: ASC 2Ah, ASCQ 09h (reason = ASC | ASCQ << 8).
-                    dev.post_event(event(VIRTIO_SCSI_T_PARAM_CHANGE, tnum, 0x2a | (0x09 << 8)));
+                let Some(dev) = weak.upgrade() else { return };
+                match ev {
+                    vstor_bdev::BdevEvent::Resized { .. } => {
+                        // CAPACITY DATA HAS CHANGED: ASC 2Ah, ASCQ 09h (reason = ASC | ASCQ << 8).
+                        dev.post_event(event(VIRTIO_SCSI_T_PARAM_CHANGE, tnum, 0x2a | (0x09 << 8)));
+                    }
+                    vstor_bdev::BdevEvent::RemoveRequested => {
+                        // The bdev is being deleted under the LUN: hot-remove the target (its
+                        // commands in flight finish, the guest gets TRANSPORT_RESET / REMOVED).
+                        tracing::info!(ctrlr = %dev.name, target = tnum, "bdev deleted under a live LUN: hot-removing the target");
+                        if let Err(e) = dev.remove_target(usize::from(tnum)) {
+                            tracing::warn!(ctrlr = %dev.name, target = tnum, "hot-removing the target failed: {e}");
+                        }
+                    }
                 }
             });
             tab[t] = Some(Target { lun, bdev, listener });

@@ -372,6 +372,14 @@ fn bdev_error_inject_error(app: &Arc<App>, p: ErrorInject) -> Result<Value, RpcE
 }
 
 fn delete(app: &Arc<App>, name: &str, product: &str) -> Result<Value, RpcError> {
+    // A bdev deleted under a live user is hot-removed from it where the user allows it, as in
+    // SPDK: NVMe namespaces here, SCSI targets through the bdev's RemoveRequested event. A
+    // vhost-blk controller keeps its claim, and the delete is refused naming it.
+    if let Ok(b) = app.bdevs.lookup(name) {
+        if b.product_name() == product && b.is_claimed() {
+            app.nvmf.remove_namespaces_of(&b);
+        }
+    }
     let b = app.bdevs.unregister(name, product)?;
     if let Err(e) = b.backend().flush_sync() {
         tracing::warn!(name, "flush on delete failed: {e}");
