@@ -97,6 +97,11 @@ for b in $BACKENDS; do
       done
     done
   done
+  # The targets are not this shell's children (started in a process substitution): wait for
+  # each to exit before the next backend (and before the EXIT trap removes their directory).
   for t in $TARGETS; do kill "${PID[$t]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for t in $TARGETS; do
+    for _ in $(seq 200); do kill -0 "${PID[$t]}" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "${PID[$t]}" 2>/dev/null && { echo "$t ($b) did not exit 20 s after SIGTERM" >&2; kill -9 "${PID[$t]}"; }
+  done
 done

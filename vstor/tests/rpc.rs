@@ -252,6 +252,17 @@ fn sigterm_and_kill_instance_stop_the_daemon_cleanly() {
     assert_eq!(d.rpc_ok("spdk_kill_instance", json!({"sig_name": "SIGTERM"})), json!(true));
     let st = d.wait_exit(Duration::from_secs(20)).expect("exits after spdk_kill_instance");
     assert_eq!(st.code(), Some(0), "{}", d.log());
+
+    // A controller whose socket file someone removed (an operator's cleanup script, a tmpfiles
+    // run) still lets the daemon stop: the connection thread is woken without the socket.
+    let mut d = Daemon::start(&["--default-config"]);
+    d.rpc_ok("vhost_create_scsi_controller", json!({"ctrlr": "vs"}));
+    for c in ["vhost.0", "vs"] {
+        std::fs::remove_file(d.dir.path().join(c)).unwrap();
+    }
+    d.signal(libc::SIGTERM);
+    let st = d.wait_exit(Duration::from_secs(20)).expect("exits after SIGTERM with its sockets removed");
+    assert_eq!(st.code(), Some(0), "{}", d.log());
 }
 
 #[test]

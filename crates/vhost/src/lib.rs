@@ -144,9 +144,40 @@ pub struct Controller {
     kind: DeviceKind,
     socket: PathBuf,
     cpumask: CpuMask,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     conn: Arc<Mutex<Option<UnixStream>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Tells a controller's connection thread to stop, waking it wherever it waits: a flag, and a
+/// socket pair whose read end is in every `poll` the thread makes. (Waking it by connecting to
+/// the controller's socket fails when the socket file is gone, and the thread would never exit.)
+struct StopSignal {
+    flag: AtomicBool,
+    tx: UnixStream,
+    rx: UnixStream,
+}
+
+impl StopSignal {
+    fn new() -> std::io::Result<Self> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        Ok(Self { flag: AtomicBool::new(false), tx, rx })
+    }
+
+    fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        // One byte stays unread: the read end is readable from now on.
+        let _ = std::io::Write::write(&mut &self.tx, &[1]);
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.rx.as_raw_fd()
+    }
 }
 
 impl std::fmt::Debug for Controller {
@@ -237,12 +268,10 @@ impl Controller {
     /// Disconnects the frontend (if any), stops the thread, removes the socket, releases the bdev.
     fn shutdown(&self) {
         let started = self.thread.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.set();
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.socket);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
@@ -289,16 +318,21 @@ enum Ready {
     Listener,
     /// The timeout passed.
     Timeout,
+    /// The controller is being shut down.
+    Stop,
 }
 
-/// Waits until `conn` (if any) or `listener` is readable, or until `deadline`. The connection
-/// wins a tie, so a frontend that closes and reconnects at once is not taken for a second one.
-fn wait_readable(conn: Option<RawFd>, listener: RawFd, deadline: Option<std::time::Instant>) -> Ready {
+/// Waits until `stop`, `conn` (if any) or `listener` is readable, or until `deadline`. The
+/// connection wins a tie with the listener, so a frontend that closes and reconnects at once is
+/// not taken for a second one.
+fn wait_readable(conn: Option<RawFd>, listener: RawFd, stop: RawFd, deadline: Option<std::time::Instant>) -> Ready {
+    // poll(2) skips entries with a negative fd: no connection is -1.
     let mut fds = [
         libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: conn.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
     ];
-    let n: libc::nfds_t = if conn.is_some() { 2 } else { 1 };
+    let n: libc::nfds_t = 3;
     loop {
         let timeout = match deadline {
             None => -1,
@@ -316,6 +350,9 @@ fn wait_readable(conn: Option<RawFd>, listener: RawFd, deadline: Option<std::tim
             // Let the caller's next read or accept report the problem (not in a tight loop).
             std::thread::sleep(std::time::Duration::from_millis(10));
             return if conn.is_some() { Ready::Conn } else { Ready::Listener };
+        }
+        if fds[2].revents != 0 {
+            return Ready::Stop;
         }
         if conn.is_some() && fds[1].revents != 0 {
             return Ready::Conn;
@@ -436,7 +473,7 @@ type Waiting = std::collections::VecDeque<(UnixStream, std::time::Instant)>;
 /// second one for a moment) and is served if the frontend leaves; otherwise it is closed, with a
 /// warning, so none waits unanswered for long and none holds resources. Connections made during
 /// a teardown wait in the backlog and are served next.
-fn serve(shared: Arc<CtrlShared>, listener: UnixListener, stop: Arc<AtomicBool>, conn: Arc<Mutex<Option<UnixStream>>>) {
+fn serve(shared: Arc<CtrlShared>, listener: UnixListener, stop: Arc<StopSignal>, conn: Arc<Mutex<Option<UnixStream>>>) {
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!(ctrlr = %shared.name, "cannot make the socket non-blocking: {e}; not serving");
         return;
@@ -444,14 +481,14 @@ fn serve(shared: Arc<CtrlShared>, listener: UnixListener, stop: Arc<AtomicBool>,
     let mut refusals = LogLimit::new();
     let mut waiting = Waiting::new();
     loop {
-        if stop.load(Ordering::SeqCst) {
+        if stop.is_set() {
             break;
         }
         let stream = if let Some((s, _)) = waiting.pop_front() {
             s
         } else {
-            wait_readable(None, listener.as_raw_fd(), None);
-            if stop.load(Ordering::SeqCst) {
+            wait_readable(None, listener.as_raw_fd(), stop.fd(), None);
+            if stop.is_set() {
                 break;
             }
             match accept_one(&listener) {
@@ -506,7 +543,7 @@ fn session(
     shared: &Arc<CtrlShared>,
     stream: UnixStream,
     listener: &UnixListener,
-    stop: &AtomicBool,
+    stop: &StopSignal,
     conn: &Mutex<Option<UnixStream>>,
     waiting: &mut Waiting,
     refusals: &mut LogLimit,
@@ -522,14 +559,12 @@ fn session(
     loop {
         expire_waiting(shared, waiting, refusals);
         let deadline = waiting.front().map(|(_, t)| *t + WAITING_GRACE);
-        match wait_readable(Some(fd), listener.as_raw_fd(), deadline) {
+        match wait_readable(Some(fd), listener.as_raw_fd(), stop.fd(), deadline) {
             Ready::Conn => {}
             Ready::Timeout => continue,
+            // Controller::shutdown: leave it to the accept loop.
+            Ready::Stop => break,
             Ready::Listener => {
-                if stop.load(Ordering::SeqCst) {
-                    // Controller::shutdown's wake-up: leave it to the accept loop.
-                    break;
-                }
                 another_connection(shared, listener, waiting, refusals);
                 continue;
             }
@@ -581,7 +616,7 @@ fn session(
                 }
             }
         }
-        if close || stop.load(Ordering::SeqCst) {
+        if close || stop.is_set() {
             break;
         }
     }
@@ -733,7 +768,7 @@ impl VhostManager {
             kind,
             socket: path.clone(),
             cpumask,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(StopSignal::new().map_err(|source| VhostError::Socket { path: path.clone(), source })?),
             conn: Arc::new(Mutex::new(None)),
             thread: Mutex::new(None),
         });
