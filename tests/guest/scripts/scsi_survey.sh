@@ -16,7 +16,7 @@ echo "SURVEY discard max bytes: $(cat /sys/block/$d/queue/discard_max_bytes)"
 echo "SURVEY write same max bytes: $(cat /sys/block/$d/queue/write_same_max_bytes 2>/dev/null || echo n/a)"
 echo "SURVEY max sectors kb: $(cat /sys/block/$d/queue/max_sectors_kb)"
 if command -v sg_vpd >/dev/null; then
-    echo "SURVEY VPD pages: $(sg_vpd -p sv /dev/$d 2>&1 | grep -o '\[0x[0-9a-f]*\]\|0x[0-9a-f][0-9a-f] ' | tr -d '[]' | tr '\n' ' ')"
+    echo "SURVEY VPD pages: $(sg_vpd -p sv /dev/$d 2>&1 | grep -o '\[[a-z0-9]*\]' | tr -d '[]' | tr '\n' ' ')"
     sg_vpd -p di /dev/$d >/dev/null 2>&1 && echo "SURVEY device identification: yes" || echo "SURVEY device identification: no"
     sg_vpd -p lbpv /dev/$d >/dev/null 2>&1 && echo "SURVEY logical block provisioning page: yes" || echo "SURVEY logical block provisioning page: no"
     echo "SURVEY READ CAPACITY 16: $(sg_readcap -l /dev/$d 2>&1 | grep -o 'Logical block length=[0-9]*' || echo fails)"
@@ -28,10 +28,14 @@ else
     echo "SURVEY fio randwrite+verify: FAILED"
 fi
 if /usr/sbin/blkdiscard -o 0 -l 1048576 /dev/$d 2>/tmp/bd; then
-    nz=$(dd if=/dev/$d bs=1M count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c)
-    echo "SURVEY blkdiscard: ok (non-zero bytes after: $nz)"
+    if dd if=/dev/$d of=/tmp/after bs=1M count=1 iflag=direct 2>/tmp/dd; then
+        echo "SURVEY blkdiscard: ok (non-zero bytes after: $(tr -d '\000' </tmp/after | wc -c) of $(wc -c </tmp/after))"
+    else
+        echo "SURVEY blkdiscard: ok (read-back fails: $(head -c 80 /tmp/dd))"
+    fi
 else
     echo "SURVEY blkdiscard: fails ($(head -c 80 /tmp/bd))"
 fi
-dd if=/dev/zero of=/dev/$d bs=4k count=1 seek=100 oflag=direct,sync 2>/dev/null && echo "SURVEY sync write: ok" || echo "SURVEY sync write: fails"
+dd if=/dev/zero of=/dev/$d bs=4k count=1 seek=100 oflag=direct conv=fsync 2>/tmp/dd && echo "SURVEY fsync'd write: ok" ||
+    echo "SURVEY fsync'd write: fails ($(head -c 80 /tmp/dd))"
 echo "SURVEY done"
