@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 command -v vhost-device-scsi >/dev/null || cargo install vhost-device-scsi --locked
-cargo test --release -p vstor --test bench_guest -- --ignored --nocapture --test-threads 1 2>&1 | grep -E "^BENCH |panicked|error"
+cargo test --release -p vstor --test bench_guest -- --ignored --nocapture --test-threads 1 2>&1 | grep -E "^BENCH |^SURVEY |^MIG |panicked|error"
