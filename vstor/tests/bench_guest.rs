@@ -45,7 +45,9 @@ fn bench(name: &str, pid: u32, dev: &str, devices: Vec<String>, dir: &Path) {
     let mut g = guest::spawn(&o, dir);
     for rw in ["randread", "randwrite"] {
         for qd in [1, 32, 128] {
-            assert!(g.wait_for(&format!("BENCH-BEGIN {rw} {qd}\n"), Duration::from_secs(300)), "{}", g.console());
+            // No line end in the pattern: the serial console may end lines with "\r\n". QD 1 comes
+            // before 128, so "... 1" cannot match the later "... 128" line first.
+            assert!(g.wait_for(&format!("BENCH-BEGIN {rw} {qd}"), Duration::from_secs(300)), "{}", g.console());
             let (c0, t0) = (cpu_ns(pid), Instant::now());
             let end = format!("BENCH-END {rw} {qd} ");
             assert!(g.wait_for(&end, Duration::from_secs(120)), "{}", g.console());
@@ -122,13 +124,13 @@ fn guest_fio_through_each_target() {
         let name = format!("vstor-scsi ({mode})");
         if want(&name) {
             let d = vstor(&img, mode);
+            // The blk controller holds U0 exclusively: free it for the SCSI target.
+            d.rpc_ok("vhost_delete_controller", json!({"ctrlr": "vb"}));
             d.rpc_ok("vhost_create_scsi_controller", json!({"ctrlr": "vs"}));
             d.rpc_ok(
                 "vhost_scsi_controller_add_target",
                 json!({"ctrlr": "vs", "scsi_target_num": 0, "bdev_name": "U0"}),
-            )
-            .to_string();
-            d.rpc_ok("vhost_delete_controller", json!({"ctrlr": "vb"}));
+            );
             bench(&name, d.pid(), "sda", scsi_dev(&d.dir.path().join("vs"), ""), dir.path());
         }
     }
