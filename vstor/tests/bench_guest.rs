@@ -40,6 +40,9 @@ fn wait_sock(p: &Path) {
 fn bench(name: &str, pid: u32, dev: &str, devices: Vec<String>, dir: &Path) {
     let mut o = GuestOpts::new("bench");
     o.arg = dev.to_string();
+    // A console file per target: a reused one would still hold the previous guest's lines.
+    let file: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    o.console = Some(format!("console-bench-{file}.log"));
     o.devices = devices;
     o.timeout = Duration::from_secs(600);
     let mut g = guest::spawn(&o, dir);
@@ -309,6 +312,11 @@ mod mig {
     /// Runs the workload on `a`, migrates to `b` (pre-copy) after 10 s and back to `a` 12 s later
     /// (post-copy when `postcopy`, else pre-copy again); prints the figures.
     pub fn run(name: &str, dir: &Path, a: Disk, b: Disk, postcopy: bool) {
+        // Consoles and sockets of each target in their own directory: a console file left by the
+        // previous target would show its FIO-START before the new QEMU truncates it.
+        let tag: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let dir = &dir.join(tag);
+        std::fs::create_dir_all(dir).unwrap();
         let (mut g1, mut q1) = vm(dir, 1, a, false);
         assert!(g1.wait_for("FIO-START", Duration::from_secs(300)), "{}", g1.console());
         let t0 = Instant::now();
