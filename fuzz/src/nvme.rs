@@ -36,36 +36,13 @@ use vstor_reactor::{CpuMask, Mode, ReactorConfig, Reactors};
 use crate::bdevs;
 use crate::{Reader, Writer};
 
-pub const REG_INTMS: u64 = 0x0c;
-pub const REG_INTMC: u64 = 0x10;
-pub const REG_CC: u64 = 0x14;
-pub const REG_CSTS: u64 = 0x1c;
-pub const REG_AQA: u64 = 0x24;
-pub const REG_ASQ: u64 = 0x28;
-pub const REG_ACQ: u64 = 0x30;
-pub const DOORBELL_BASE: u64 = 0x1000;
-pub const CC_EN: u32 = 1;
-pub const CSTS_RDY: u32 = 1;
-pub const CSTS_CFS: u32 = 2;
-
-pub const ADM_DELETE_SQ: u8 = 0x00;
-pub const ADM_CREATE_SQ: u8 = 0x01;
-pub const ADM_GET_LOG_PAGE: u8 = 0x02;
-pub const ADM_DELETE_CQ: u8 = 0x04;
-pub const ADM_CREATE_CQ: u8 = 0x05;
-pub const ADM_IDENTIFY: u8 = 0x06;
-pub const ADM_ABORT: u8 = 0x08;
-pub const ADM_SET_FEATURES: u8 = 0x09;
-pub const ADM_GET_FEATURES: u8 = 0x0a;
-pub const ADM_ASYNC_EVENT: u8 = 0x0c;
-pub const ADM_KEEP_ALIVE: u8 = 0x18;
-pub const ADM_DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
-pub const IO_FLUSH: u8 = 0x00;
-pub const IO_WRITE: u8 = 0x01;
-pub const IO_READ: u8 = 0x02;
-pub const IO_COMPARE: u8 = 0x05;
-pub const IO_WRITE_ZEROES: u8 = 0x08;
-pub const IO_DSM: u8 = 0x09;
+// The NVMe definitions the harness shares with the controller.
+pub use vstor_nvme::spec::{
+    ADM_ABORT, ADM_ASYNC_EVENT, ADM_CREATE_CQ, ADM_CREATE_SQ, ADM_DELETE_CQ, ADM_DELETE_SQ, ADM_DOORBELL_BUFFER_CONFIG,
+    ADM_GET_FEATURES, ADM_GET_LOG_PAGE, ADM_IDENTIFY, ADM_KEEP_ALIVE, ADM_SET_FEATURES, CC_EN, CSTS_CFS, CSTS_RDY,
+    DOORBELL_BASE, IO_COMPARE, IO_DSM, IO_FLUSH, IO_READ, IO_WRITE, IO_WRITE_ZEROES, REG_ACQ, REG_AQA, REG_ASQ, REG_CC,
+    REG_CSTS, REG_INTMC, REG_INTMS,
+};
 
 pub const OP_ADMIN: u8 = 0;
 pub const OP_IO: u8 = 1;

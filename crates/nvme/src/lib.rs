@@ -104,7 +104,7 @@ mod identify;
 mod io;
 mod pci;
 mod queue;
-mod spec;
+pub mod spec;
 mod sys;
 
 use std::collections::BTreeMap;
