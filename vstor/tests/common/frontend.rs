@@ -40,6 +40,8 @@ pub struct TestFrontend {
     pub queues: Vec<Queue>,
     pub features: u64,
     want: u64,
+    /// Queues the frontend sets up (the in-flight region covers them all).
+    nq: usize,
     size: u16,
     /// The in-flight region the backend handed out (kept across reconnects, as QEMU does).
     pub inflight: Option<(VhostUserInflight, File)>,
@@ -85,7 +87,8 @@ impl TestFrontend {
         let file = memfd("guest", MEM_SIZE).unwrap();
         let mem = Arc::new(GuestMemory::new(vec![Region::map(&file, 0, MEM_SIZE, 0, 0).unwrap()]).unwrap());
         let fe = Frontend::connect(sock, nq as u64).expect("connect");
-        let mut t = Self { fe, mem, file, queues: Vec::new(), features: 0, want, size, inflight: None, postcopy: None };
+        let mut t =
+            Self { fe, mem, file, queues: Vec::new(), nq, features: 0, want, size, inflight: None, postcopy: None };
         t.handshake_full(inflight, postcopy);
         for q in 0..nq {
             let d = SplitDriver::new_at(t.mem.clone(), size, 0x1000 + q as u64 * RING_STRIDE);
@@ -118,7 +121,7 @@ impl TestFrontend {
             let (info, file) = match self.inflight.take() {
                 Some(x) => x,
                 None => {
-                    let req = VhostUserInflight::new(0, 0, self.queues.len().max(1) as u16, self.size);
+                    let req = VhostUserInflight::new(0, 0, self.nq.max(1) as u16, self.size);
                     fe.get_inflight_fd(&req).unwrap()
                 }
             };
