@@ -12,8 +12,10 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
 
-#[test]
-fn requests_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
+/// A daemon started from a config file (so `kill_and_restart` brings the same state back): an
+/// 8 MiB file `U0` under `D0`, a delay bdev holding every I/O 2 s, and `device`, a config
+/// subsystem that serves `D0`. Returns the daemon and the file.
+fn slow_disk_daemon(device: serde_json::Value) -> (Daemon, std::path::PathBuf) {
     let dir = test_dir();
     let img = dir.path().join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
@@ -24,11 +26,16 @@ fn requests_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
             {"method": "bdev_delay_create", "params": {"name": "D0", "base_bdev_name": "U0",
                 "avg_read_latency": 2_000_000, "p99_read_latency": 2_000_000,
                 "avg_write_latency": 2_000_000, "p99_write_latency": 2_000_000}}]},
-        {"subsystem": "vhost_blk", "config": [
-            {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vb", "dev_name": "D0"}}]}
+        device
     ]});
     std::fs::write(&cfg, config.to_string()).unwrap();
-    let mut d = Daemon::start_in(dir, &["--config", cfg.to_str().unwrap()]);
+    (Daemon::start_in(dir, &["--config", cfg.to_str().unwrap()]), img)
+}
+
+#[test]
+fn requests_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
+    let (mut d, img) = slow_disk_daemon(json!({"subsystem": "vhost_blk", "config": [
+        {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vb", "dev_name": "D0"}}]}));
     let sock = d.dir.path().join("vb");
     let mut f = TestFrontend::connect_inflight(&sock, 1, 64, EVENT_IDX);
     // Four writes, each held 2 s by the delay bdev: all in flight when vstor dies.
@@ -75,22 +82,9 @@ fn requests_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
 /// guest test can show this here; later QEMU releases added the reconnect.)
 #[test]
 fn scsi_commands_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
-    let dir = test_dir();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
-    let cfg = dir.path().join("vstor.json");
-    let config = json!({"subsystems": [
-        {"subsystem": "bdev", "config": [
-            {"method": "bdev_uring_create", "params": {"name": "U0", "filename": img.to_str().unwrap()}},
-            {"method": "bdev_delay_create", "params": {"name": "D0", "base_bdev_name": "U0",
-                "avg_read_latency": 2_000_000, "p99_read_latency": 2_000_000,
-                "avg_write_latency": 2_000_000, "p99_write_latency": 2_000_000}}]},
-        {"subsystem": "vhost_scsi", "config": [
-            {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "vs"}},
-            {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vs", "scsi_target_num": 0, "bdev_name": "D0"}}]}
-    ]});
-    std::fs::write(&cfg, config.to_string()).unwrap();
-    let mut d = Daemon::start_in(dir, &["--config", cfg.to_str().unwrap()]);
+    let (mut d, img) = slow_disk_daemon(json!({"subsystem": "vhost_scsi", "config": [
+        {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "vs"}},
+        {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vs", "scsi_target_num": 0, "bdev_name": "D0"}}]}));
     let sock = d.dir.path().join("vs");
     let bs = d.rpc_ok("bdev_get_bdevs", json!({"name": "D0"}))[0]["block_size"].as_u64().unwrap();
     let per = (4096 / bs) as u8;
