@@ -108,27 +108,35 @@ struct Env {
 
 static ENV: OnceLock<Mutex<Env>> = OnceLock::new();
 
+/// One reactor in interrupt mode (so the harness and the controller do not spin against each other
+/// or against a second fuzzer for a CPU) and a controller configuration on it: 4 I/O queue pairs
+/// of 64 entries, shadow doorbells, up to 4 namespaces. Shared with the vfio-user harness.
+pub(crate) fn reactor_and_config(mappable_doorbells: bool) -> (Reactors, NvmeConfig) {
+    let reactors = Reactors::start(
+        &CpuMask::from_cores(0..1),
+        ReactorConfig {
+            mode: Mode::Interrupt,
+            idle_threshold: Duration::from_millis(1),
+            pin: false,
+            ..Default::default()
+        },
+    )
+    .expect("reactors");
+    let cfg = NvmeConfig {
+        max_io_queues: 4,
+        max_queue_depth: 64,
+        shadow_doorbells: true,
+        mappable_doorbells,
+        reactors: reactors.handles().to_vec(),
+        max_namespaces: 4,
+        ..Default::default()
+    };
+    (reactors, cfg)
+}
+
 impl Env {
     fn new() -> Self {
-        let reactors = Reactors::start(
-            &CpuMask::from_cores(0..1),
-            ReactorConfig {
-                mode: Mode::Interrupt,
-                idle_threshold: Duration::from_millis(1),
-                pin: false,
-                ..Default::default()
-            },
-        )
-        .expect("reactors");
-        let cfg = NvmeConfig {
-            max_io_queues: 4,
-            max_queue_depth: 64,
-            shadow_doorbells: true,
-            mappable_doorbells: false,
-            reactors: reactors.handles().to_vec(),
-            max_namespaces: 4,
-            ..Default::default()
-        };
+        let (reactors, cfg) = reactor_and_config(false);
         let irq = Arc::new(Irq::default());
         let ctrl = NvmeController::new(cfg, irq.clone()).expect("controller");
         let ns1 = bdevs::create(bdevs::Kind::Malloc, "nvme_fuzz1", 512, 1 << 20, false);

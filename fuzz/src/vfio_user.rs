@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use vstor_bdev::Bdev;
 use vstor_mem::memfd;
-use vstor_nvme::{NsIds, NvmeConfig};
-use vstor_reactor::{CpuMask, Mode, ReactorConfig, Reactors};
+use vstor_nvme::NsIds;
+use vstor_reactor::Reactors;
 use vstor_vfio_user::server::VfioUserEndpoint;
 
 use crate::bdevs;
@@ -74,25 +74,7 @@ static ENV: OnceLock<Mutex<Env>> = OnceLock::new();
 impl Env {
     fn new() -> Self {
         let dir = crate::sandbox("vfio-user");
-        let reactors = Reactors::start(
-            &CpuMask::from_cores(0..1),
-            ReactorConfig {
-                mode: Mode::Interrupt,
-                idle_threshold: Duration::from_millis(1),
-                pin: false,
-                ..Default::default()
-            },
-        )
-        .expect("reactors");
-        let cfg = NvmeConfig {
-            max_io_queues: 4,
-            max_queue_depth: 64,
-            shadow_doorbells: true,
-            mappable_doorbells: true,
-            reactors: reactors.handles().to_vec(),
-            max_namespaces: 4,
-            ..Default::default()
-        };
+        let (reactors, cfg) = crate::nvme::reactor_and_config(true);
         let bdev = bdevs::create(bdevs::Kind::Malloc, "vfu_fuzz1", 512, 1 << 20, false);
         let sock = dir.join("cntrl");
         let b = bdev.clone();
