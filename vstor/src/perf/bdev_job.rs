@@ -136,13 +136,8 @@ impl IoSink for Job {
         }
         if st.pattern == Pattern::Verify {
             let s = &mut st.slots[slot];
-            if s.verifying {
-                if result.is_ok() && !check(s.buf.as_slice(), s.unit, s.generation) {
-                    st.miscompares += 1;
-                }
-                s.verifying = false;
-            } else {
-                s.verifying = result.is_ok();
+            if super::verify_step(&mut s.verifying, result.is_ok(), || check(s.buf.as_slice(), s.unit, s.generation)) {
+                st.miscompares += 1;
             }
         }
         if now < st.deadline || st.slots[slot].verifying {

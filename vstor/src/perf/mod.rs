@@ -170,6 +170,19 @@ impl Report {
     }
 }
 
+/// One completion under the verify pattern, for every job kind: a write that completes starts
+/// its read-back (if it succeeded); a read-back that completes ends it. Returns whether the
+/// read-back succeeded but `matches` says its data is not what was written.
+pub(crate) fn verify_step(verifying: &mut bool, ok: bool, matches: impl FnOnce() -> bool) -> bool {
+    if *verifying {
+        *verifying = false;
+        ok && !matches()
+    } else {
+        *verifying = ok;
+        false
+    }
+}
+
 /// CPU time (user + system) of this process so far.
 pub fn process_cpu() -> Duration {
     let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();

@@ -131,14 +131,10 @@ pub fn run(a: &PerfArgs, dir: &str) -> Result<Report, String> {
                     errors += 1;
                 }
                 if a.workload == Pattern::Verify {
-                    if slot.verifying {
-                        let off = buf_off(q, s);
-                        if status == 0 && !check(&c.buf()[off..off + io], slot.unit, slot.generation) {
-                            miscompares += 1;
-                        }
-                        slot.verifying = false;
-                    } else {
-                        slot.verifying = status == 0;
+                    let off = buf_off(q, s);
+                    let buf = &c.buf()[off..off + io];
+                    if super::verify_step(&mut slot.verifying, status == 0, || check(buf, slot.unit, slot.generation)) {
+                        miscompares += 1;
                     }
                 }
                 if now < deadline || slots[q][s].verifying {

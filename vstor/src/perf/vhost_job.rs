@@ -116,14 +116,10 @@ pub fn run(a: &PerfArgs, sock: &str) -> Result<Report, String> {
                     errors += 1;
                 }
                 if a.workload == Pattern::Verify {
-                    if slot.verifying {
-                        let off = buf_off(q, s);
-                        if ret == 0 && !check(&c.buf()[off..off + io], slot.unit, slot.generation) {
-                            miscompares += 1;
-                        }
-                        slot.verifying = false;
-                    } else {
-                        slot.verifying = ret == 0;
+                    let off = buf_off(q, s);
+                    let buf = &c.buf()[off..off + io];
+                    if super::verify_step(&mut slot.verifying, ret == 0, || check(buf, slot.unit, slot.generation)) {
+                        miscompares += 1;
                     }
                 }
                 if now < deadline || slots[q][s].verifying {
