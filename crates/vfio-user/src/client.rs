@@ -20,8 +20,9 @@
 //! list when the transfer spans more than two pages. Transfers are limited by the controller's
 //! MDTS and by one PRP-list page (2 MiB).
 //!
-//! `unsafe` is confined to `DmaMem` and `MappedDoorbells` (the two `mmap`s and volatile
-//! accesses inside them, all bounds-checked) and the raw `poll(2)` of the interrupt eventfds.
+//! `unsafe` is confined to `DmaMem` (volatile, bounds-checked accesses to the DMA memory, which
+//! `vstor_mem::Region` maps), `MappedDoorbells` (the doorbell `mmap` and its volatile stores) and
+//! the raw `poll(2)` of the interrupt eventfds.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -177,43 +178,20 @@ impl Completion {
     }
 }
 
-/// The client's DMA memory: a memfd mapped shared, accessed with volatile bounds-checked
-/// operations (the device writes it concurrently).
+/// The client's DMA memory: a memfd mapped shared (through `vstor_mem::Region`, which owns the
+/// mapping), accessed with volatile bounds-checked operations (the device writes it concurrently).
 struct DmaMem {
-    ptr: *mut u8,
+    region: vstor_mem::Region,
     len: usize,
     file: File,
-}
-
-// SAFETY: the mapping is owned by this value; every access goes through bounds-checked
-// volatile operations or slices handed out under `&mut self`.
-unsafe impl Send for DmaMem {}
-
-impl Drop for DmaMem {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` come from a successful mmap and are unmapped once, here.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 impl DmaMem {
     fn new(len: usize) -> Result<DmaMem, ClientError> {
         let file = vstor_mem::memfd("vstor-nvme-client", len as u64).map_err(io_err("memfd"))?;
-        // SAFETY: a new shared mapping of the whole (just sized) file at a kernel-chosen address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io_err("mmap of the DMA memory")(std::io::Error::last_os_error()));
-        }
-        Ok(DmaMem { ptr: p.cast(), len, file })
+        let region = vstor_mem::Region::map(&file, 0, len as u64, 0, 0)
+            .map_err(|e| io_err("mmap of the DMA memory")(std::io::Error::other(e.to_string())))?;
+        Ok(DmaMem { region, len, file })
     }
 
     /// Pointer to `len` bytes at `off`. Offsets are computed by this module; an out-of-range one
@@ -223,8 +201,8 @@ impl DmaMem {
             off.checked_add(len).is_some_and(|end| end <= self.len),
             "DMA memory access {off:#x}+{len} out of range"
         );
-        // SAFETY: `off + len <= self.len` (checked above): inside the mapping.
-        unsafe { self.ptr.add(off) }
+        // SAFETY: `off + len <= self.len` (checked above): inside the region's mapping.
+        unsafe { self.region.host().add(off) }
     }
 
     fn read32(&self, off: usize) -> u32 {
