@@ -123,6 +123,55 @@ fn packed_seeds(root: &Path) {
     r.chain(4, &[(DATA, 16, 0), (DATA, 16, 0)]);
     r.img.put(virtio::DESC + 16 * 4, &[0; 16]);
     o.put("malformed", &virtio::input(F_EVENT_IDX, 5, PACKED_BASE, &r.img));
+    o.put("inflight", &packed_inflight_seed());
+}
+
+/// A packed ring after a crash, with the in-flight region a previous backend left: chain 0
+/// (slots 0-2) and chain 2 (slot 5) in flight, chain 1 (slots 3-4) completed out of order, its
+/// used element over slot 0. A new chain (id 1 again) waits at slot 6. The frontend's base is
+/// stale (slot 0), as QEMU's is after a crash.
+fn packed_inflight_seed() -> Vec<u8> {
+    let chain0 = [(DATA, 16, 0), (DATA + 0x100, 512, VIRTQ_DESC_F_WRITE), (DATA + 0x300, 1, VIRTQ_DESC_F_WRITE)];
+    let chain1 = [(DATA + 0x400, 16, 0), (DATA + 0x700, 1, VIRTQ_DESC_F_WRITE)];
+    let chain2 = [(DATA + 0x800, 16, 0)];
+    let mut r = PackedRing::new(8);
+    r.chain(0, &chain0);
+    r.chain(1, &chain1);
+    r.chain(2, &chain2);
+    r.chain(1, &[(DATA + 0x900, 16, 0), (DATA + 0xa00, 1, VIRTQ_DESC_F_WRITE)]);
+    let used = virtio::PACKED_F_AVAIL | virtio::PACKED_F_USED;
+    r.img.put(virtio::DESC, &desc(0, 1, 1, used));
+    // Region: 32-byte header, 32-byte entries.
+    let mut g = vec![0u8; vstor_virtio::inflight::queue_region_size(8) as usize];
+    let mut put = |off: usize, b: &[u8]| g[off..off + b.len()].copy_from_slice(b);
+    put(0, &vstor_virtio::features::RING_PACKED.to_le_bytes());
+    for (off, v) in [(8, 1u16), (10, 8), (12, 3), (14, 3), (16, 2), (18, 2)] {
+        put(off, &v.to_le_bytes()); // version, desc_num, free heads, used indices
+    }
+    put(20, &[1, 1]); // wrap counters
+    let entry = |i: usize| 32 + 32 * i;
+    // Entries 0-2: chain 0; 3-4: chain 1 (freed); 5: chain 2. Free list 3 -> 4 -> 6 -> 7.
+    let next = [1u16, 2, 3, 4, 6, 6, 7, 8];
+    for (i, n) in next.iter().enumerate() {
+        put(entry(i) + 2, &n.to_le_bytes());
+    }
+    let copies = [(0usize, 0u16, chain0[0]), (1, 0, chain0[1]), (2, 0, chain0[2]), (5, 2, chain2[0])];
+    for (i, id, (addr, len, extra)) in copies {
+        let flags = extra | virtio::PACKED_F_AVAIL | if i < 2 { 1 } else { 0 };
+        put(entry(i) + 16, &id.to_le_bytes());
+        put(entry(i) + 18, &flags.to_le_bytes());
+        put(entry(i) + 20, &len.to_le_bytes());
+        put(entry(i) + 24, &addr.to_le_bytes());
+    }
+    for (head, last, num, counter) in [(0usize, 2u16, 3u16, 1u64), (5, 5, 1, 3)] {
+        put(entry(head), &[1]);
+        put(entry(head) + 4, &last.to_le_bytes());
+        put(entry(head) + 6, &num.to_le_bytes());
+        put(entry(head) + 8, &counter.to_le_bytes());
+    }
+    let mut w = Writer::default();
+    w.u8(F_INFLIGHT | F_COMPLETE_AT_ONCE).u8(8).u16(PACKED_BASE).u32(0).u32(0).u32(0).bytes(&g).bytes(&r.img.0);
+    w.0
 }
 
 // ---- virtio-blk -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 //!                packed: the raw value (0 is invalid)
 //! u16 base       SET_VRING_BASE value (packed: wrap counter in bit 15)
 //! u32 desc, u32 driver, u32 device    ring addresses, used only with F_CUSTOM_ADDRS
-//! [in-flight region image, queue_region_size(size) bytes, only with F_INFLIGHT (split)]
+//! [in-flight region image, queue_region_size(size) bytes, only with F_INFLIGHT]
 //! memory image   copied to gpa 0 (see `guest`)
 //! ```
 //!
@@ -20,7 +20,7 @@
 use std::cell::RefCell;
 
 use vstor_mem::{memfd, Region};
-use vstor_virtio::inflight::{queue_region_size, InflightSplit};
+use vstor_virtio::inflight::{queue_region_size, QueueRegion};
 use vstor_virtio::{DescChain, PopError, QueueParams, RingAddrs, Virtqueue};
 
 use crate::guest::Guest;
@@ -31,7 +31,8 @@ pub const F_EVENT_IDX: u8 = 2;
 pub const F_CUSTOM_ADDRS: u8 = 4;
 /// Return each good chain as soon as it is taken (else all at the end, in reverse order).
 pub const F_COMPLETE_AT_ONCE: u8 = 8;
-/// Split rings: attach an in-flight region (vhost-user INFLIGHT_SHMFD) read from the input.
+/// Attach an in-flight region (vhost-user INFLIGHT_SHMFD, split or packed layout) read from the
+/// input.
 pub const F_INFLIGHT: u8 = 16;
 /// After draining, restart the queue at its `base()` (GET_VRING_BASE then SET_VRING_BASE) and
 /// drain again.
@@ -44,21 +45,24 @@ pub const PACKED_DEVICE: u64 = 0x1004;
 pub const DATA: u64 = 0x3000;
 pub const HEADER_LEN: usize = 16;
 
+/// Room for the in-flight region of a queue of up to 256 entries.
+const INFLIGHT_BYTES: usize = 0x4000;
+
 thread_local! {
     static ENV: RefCell<Option<Env>> = const { RefCell::new(None) };
 }
 
 struct Env {
     guest: Guest,
-    /// Backing for in-flight regions (8 KiB, page-aligned).
+    /// Backing for in-flight regions (`INFLIGHT_BYTES`, page-aligned).
     inflight: Region,
     _inflight_file: std::fs::File,
 }
 
 impl Env {
     fn new() -> Self {
-        let f = memfd("fuzz-inflight", 0x2000).expect("memfd");
-        let inflight = Region::map(&f, 0, 0x2000, 0, 0).expect("map in-flight region");
+        let f = memfd("fuzz-inflight", INFLIGHT_BYTES as u64).expect("memfd");
+        let inflight = Region::map(&f, 0, INFLIGHT_BYTES as u64, 0, 0).expect("map in-flight region");
         Self { guest: Guest::new(), inflight, _inflight_file: f }
     }
 }
@@ -144,7 +148,7 @@ fn chain(data: &[u8], packed: bool) {
     ENV.with(|env| {
         let mut env = env.borrow_mut();
         let env = env.get_or_insert_with(Env::new);
-        let inflight_image = if !packed && flags & F_INFLIGHT != 0 && size > 0 && size <= 256 {
+        let inflight_image = if flags & F_INFLIGHT != 0 && size > 0 && size <= 256 {
             Some(r.take(usize::try_from(queue_region_size(size)).unwrap_or(0)))
         } else {
             None
@@ -167,16 +171,17 @@ fn exercise(env: &Env, p: &QueueParams, flags: u8, inflight_image: Option<&[u8]>
     let mut out = Vec::new();
     if let Some(img) = inflight_image {
         let host = env.inflight.host();
-        // SAFETY: `host` is the start of an 8 KiB read-write mapping kept alive by `env` for the
-        // whole call; `img` is at most `queue_region_size(256)` < 8 KiB bytes.
+        // SAFETY: `host` is the start of an `INFLIGHT_BYTES` read-write mapping kept alive by
+        // `env` for the whole call; `img` is at most `queue_region_size(256)` < INFLIGHT_BYTES.
         unsafe {
-            std::ptr::write_bytes(host, 0, 0x2000);
+            std::ptr::write_bytes(host, 0, INFLIGHT_BYTES);
             std::ptr::copy_nonoverlapping(img.as_ptr(), host, img.len());
         }
         // SAFETY: the mapping is page-aligned, holds `queue_region_size(size)` bytes (size <= 256,
         // checked by the caller) and outlives `q`, which is dropped before this function returns.
-        let log = unsafe { InflightSplit::new(host, size) };
-        if let Ok(heads) = q.attach_inflight(log, 0) {
+        let region = unsafe { QueueRegion::new(host, size) };
+        let features = if p.packed { vstor_virtio::features::RING_PACKED } else { 0 };
+        if let Ok(heads) = q.attach_inflight(region, features) {
             for h in heads {
                 match q.resubmit(h) {
                     Ok(c) => {

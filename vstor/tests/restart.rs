@@ -76,6 +76,64 @@ fn requests_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
     assert_eq!(f.read(base + 0x1000, 512), vec![0xA0; 512]);
 }
 
+/// The same with a packed ring, where out-of-order completion overwrites the descriptors of
+/// requests still in flight: a GET_ID that completes at once puts its used element over the first
+/// descriptor of a held write, so the next vstor can only rebuild that write from the copy in the
+/// in-flight region. The frontend reconnects with the stale ring position QEMU has for a packed
+/// ring (where it started); the next vstor takes the position from the region.
+#[test]
+fn packed_ring_requests_in_flight_at_a_kill_9_are_rebuilt_from_the_inflight_region() {
+    let (mut d, img) = slow_disk_daemon(json!({"subsystem": "vhost_blk", "config": [
+        {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vb", "dev_name": "D0", "packed_ring": true}}]}));
+    let sock = d.dir.path().join("vb");
+    let mut f = TestFrontend::connect_inflight(&sock, 1, 64, EVENT_IDX | RING_PACKED);
+    let status = |i: u16| DATA + u64::from(i) * 0x1_0000 + 0x8000;
+    let write_chain = |f: &mut TestFrontend, i: u16| {
+        let base = DATA + u64::from(i) * 0x1_0000;
+        f.write(base, &blk_header(1, u64::from(i) * 8));
+        f.write(base + 0x1000, &[0xC0 + i as u8; 4096]);
+        f.write(status(i), &[0xff]);
+        let p = f.queues[0].p.as_mut().unwrap();
+        p.add(i, &[(base, 16, 0), (base + 0x1000, 4096, 0), (status(i), 1, 2)]);
+    };
+    // Write 0 (slots 0-2, held 2 s), GET_ID as buffer 1 (slots 3-5, completes at once and is
+    // returned in slot 0), writes 2 and 3 (slots 6-11, held).
+    write_chain(&mut f, 0);
+    let id = DATA + 0x10_0000;
+    f.write(id, &blk_header(8, 0));
+    f.write(id + 0x100, &[0xff]);
+    f.queues[0].p.as_mut().unwrap().add(1, &[(id, 16, 0), (id + 0x1000, 20, 2), (id + 0x100, 1, 2)]);
+    write_chain(&mut f, 2);
+    write_chain(&mut f, 3);
+    f.queues[0].kick.write(1).unwrap();
+    assert_eq!(f.wait_used(0, 1, T), vec![(1, 21)], "GET_ID completes while the writes are held");
+    assert_eq!(f.read(id + 0x100, 1), vec![0]);
+    std::thread::sleep(Duration::from_millis(200));
+    d.kill_and_restart(None);
+    f.reconnect(&sock);
+    let mut ids: Vec<u32> = f.wait_used(0, 3, T).iter().map(|u| u.0).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 2, 3], "every write in flight at the kill completes");
+    let file = std::fs::read(&img).unwrap();
+    for i in [0u16, 2, 3] {
+        assert_eq!(f.read(status(i), 1), vec![0], "write {i} succeeded");
+        let at = usize::from(i) * 4096;
+        assert!(file[at..at + 4096].iter().all(|&b| b == 0xC0 + i as u8), "block {i} is on the file");
+    }
+    let log = d.log();
+    assert!(log.contains("resubmitting requests left in flight"), "{log}");
+    let resumed = log.lines().find(|l| l.contains("ring resumes where the in-flight region says")).unwrap_or_default();
+    assert!(resumed.contains("frontend_base=32768 base=32780"), "slot 12, wrap 1, not the stale slot 0:\n{log}");
+    // The ring goes on from slot 12, where the previous vstor stopped taking requests.
+    let base = DATA + 0x20_0000;
+    f.write(base, &blk_header(0, 16));
+    f.write(base + 0x8000, &[0xff]);
+    f.queues[0].p.as_mut().unwrap().add(7, &[(base, 16, 0), (base + 0x1000, 512, 2), (base + 0x8000, 1, 2)]);
+    f.queues[0].kick.write(1).unwrap();
+    assert_eq!(f.wait_used(0, 1, T), vec![(7, 513)]);
+    assert_eq!(f.read(base + 0x1000, 512), vec![0xC2; 512], "sector 16 holds write 2's data");
+}
+
 /// The same for vhost-user-scsi: WRITE(10) commands held by a slow bdev when vstor is killed are
 /// completed (GOOD status, data on the file) by the next vstor from the in-flight region. (QEMU
 /// 7.2's vhost-user-scsi-pci does not reconnect to a restarted backend, see spdk/spdk#2840, so no

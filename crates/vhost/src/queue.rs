@@ -406,21 +406,25 @@ impl VirtqPoller {
         let mut inflight_map = None;
         if let Some(map) = s.inflight {
             let i = usize::from(s.index);
-            if s.params.packed {
-                tracing::warn!(ctrlr = %s.name, queue = i, "in-flight tracking is not implemented for packed rings");
-            } else if i >= usize::from(map.num_queues) || map.queue_size != s.params.size {
+            if i >= usize::from(map.num_queues) || map.queue_size != s.params.size {
                 tracing::warn!(ctrlr = %s.name, queue = i, "in-flight region does not cover this queue; not tracking");
             } else {
                 let off = usize::try_from(map.per_queue).unwrap_or(0) * i;
                 // SAFETY: `off + per_queue <= region.size` (checked when the region was mapped:
-                // per_queue * num_queues bytes, and i < num_queues); the region is page-aligned
-                // so `off` (a multiple of 64) keeps 8-byte alignment; `inflight_map` below keeps
-                // the mapping alive as long as the queue.
-                let log =
-                    unsafe { vstor_virtio::inflight::InflightSplit::new(map.region.host().add(off), s.params.size) };
-                match vq.attach_inflight(log, s.features) {
+                // per_queue = queue_region_size(queue_size) bytes per queue, num_queues queues,
+                // and i < num_queues); the region is page-aligned so `off` (a multiple of 64)
+                // keeps 8-byte alignment; `inflight_map` below keeps the mapping alive as long as
+                // the queue.
+                let region =
+                    unsafe { vstor_virtio::inflight::QueueRegion::new(map.region.host().add(off), s.params.size) };
+                match vq.attach_inflight(region, s.features) {
                     Ok(heads) => {
                         tracing::debug!(ctrlr = %s.name, queue = i, n = heads.len(), base = vq.base(), "in-flight region attached");
+                        if vq.base() != s.params.base {
+                            // Packed rings: after a crash the frontend's base is stale.
+                            tracing::info!(ctrlr = %s.name, queue = i, frontend_base = s.params.base, base = vq.base(),
+                                "ring resumes where the in-flight region says, not at the frontend's base");
+                        }
                         if !heads.is_empty() {
                             tracing::info!(ctrlr = %s.name, queue = i, n = heads.len(),
                                 "resubmitting requests left in flight by the previous backend");

@@ -118,12 +118,18 @@ pub struct PackedDriver {
 
 impl PackedDriver {
     pub fn new(m: Arc<GuestMemory>, size: u16) -> Self {
+        Self::new_at(m, size, 0x2000)
+    }
+
+    /// Rings laid out from `desc` (16-aligned): descriptor ring, then the driver and device event
+    /// suppression areas.
+    pub fn new_at(m: Arc<GuestMemory>, size: u16, desc: u64) -> Self {
         Self {
             m,
             size,
-            desc: 0x2000,
-            drv: 0x2000 + 16 * u64::from(size),
-            dev: 0x2000 + 16 * u64::from(size) + 4,
+            desc,
+            drv: desc + 16 * u64::from(size),
+            dev: desc + 16 * u64::from(size) + 4,
             next: 0,
             wrap: true,
             used_next: 0,

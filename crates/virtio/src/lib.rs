@@ -234,11 +234,13 @@ impl Virtqueue {
         }
     }
 
-    /// Attaches a shared in-flight record (split rings only); returns the heads to resubmit.
-    pub fn attach_inflight(&mut self, log: inflight::InflightSplit, features: u64) -> Result<Vec<u16>, &'static str> {
+    /// Attaches the queue's part of the shared in-flight region and recovers from it; returns
+    /// the heads (split) or buffer ids (packed) a previous device instance left in flight, in
+    /// the order it took them. A packed queue also takes its ring position from the region.
+    pub fn attach_inflight(&mut self, region: inflight::QueueRegion, features: u64) -> Result<Vec<u16>, &'static str> {
         match self {
-            Virtqueue::Split(q) => q.attach_inflight(log, features),
-            Virtqueue::Packed(_) => Err("in-flight tracking is implemented for split rings only"),
+            Virtqueue::Split(q) => q.attach_inflight(region, features),
+            Virtqueue::Packed(q) => q.attach_inflight(region, features),
         }
     }
 
@@ -246,7 +248,7 @@ impl Virtqueue {
     pub fn resubmit(&mut self, head: u16) -> Result<DescChain, PopError> {
         match self {
             Virtqueue::Split(q) => q.resubmit(head),
-            Virtqueue::Packed(_) => Err(PopError::Fatal(FatalError::HeadOutOfRange(head))),
+            Virtqueue::Packed(q) => q.resubmit(head),
         }
     }
 

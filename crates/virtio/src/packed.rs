@@ -6,6 +6,7 @@ use std::sync::Arc;
 use vstor_mem::GuestMemory;
 
 use crate::chain::{ChainBuilder, DescChain};
+use crate::inflight::{InflightPacked, PackedDesc, QueueRegion};
 use crate::ring::{area, read, write};
 use crate::{ChainError, FatalError, PopError, QueueError, QueueParams, MAX_INDIRECT, MAX_QUEUE_SIZE};
 
@@ -63,6 +64,9 @@ pub struct PackedQueue {
     signalled_used: u16,
     signalled_valid: bool,
     inflight: Vec<bool>,
+    /// The shared in-flight record (vhost-user INFLIGHT_SHMFD), if the frontend gave one, and
+    /// the head entry in it of each buffer id in flight.
+    log: Option<(InflightPacked, Vec<u16>)>,
     dirty: Option<(Arc<vstor_mem::DirtyLog>, u64)>,
 }
 
@@ -89,6 +93,7 @@ impl PackedQueue {
             signalled_used: next_avail,
             signalled_valid: false,
             inflight: vec![false; usize::from(p.size)],
+            log: None,
             dirty: None,
         };
         q.set_memory(mem)?;
@@ -173,21 +178,97 @@ impl PackedQueue {
         if self.inflight[usize::from(id)] {
             return Some(Err(PopError::Fatal(FatalError::DuplicateHead(id))));
         }
-        match self.walk(start, start_wrap, n) {
-            Ok(b) => {
-                self.inflight[usize::from(id)] = true;
-                Some(Ok(b.finish(id, n)))
-            }
+        // From here the chain is the device's until it is returned, even if it is malformed
+        // (then it is returned at once with an error).
+        self.inflight[usize::from(id)] = true;
+        if self.log.is_some() {
+            self.log_chain(start, n, id);
+        }
+        let descs = (0..n).map(|k| {
+            let (mut i, mut w) = (start, start_wrap);
+            Self::advance(&mut i, &mut w, k, size);
+            // SAFETY: `i < size`.
+            unsafe { read_desc(self.desc, u32::from(i)) }
+        });
+        match self.walk(descs, n) {
+            Ok(b) => Some(Ok(b.finish(id, n))),
             Err(kind) => Some(Err(PopError::Chain { head: id, ndesc: n, kind })),
         }
     }
 
-    fn walk(&self, start: u16, wrap: bool, n: u16) -> Result<ChainBuilder, ChainError> {
-        let mut b = ChainBuilder::new();
-        let (mut i, mut w) = (start, wrap);
+    /// Copies the `n` descriptors from ring slot `start` into the in-flight record as chain `id`.
+    fn log_chain(&mut self, start: u16, n: u16, id: u16) {
+        let Some((log, entry_of)) = &mut self.log else { return };
+        let size = self.p.size;
+        let mut i = start;
+        let mut w = false;
         for k in 0..n {
             // SAFETY: `i < size`.
             let d = unsafe { read_desc(self.desc, u32::from(i)) };
+            if !log.record(k, PackedDesc { addr: d.addr, len: d.len, id: d.id, flags: d.flags }) {
+                // Only a region the frontend scribbled on runs out of entries: stop tracking.
+                log.abort();
+                self.log = None;
+                return;
+            }
+            Self::advance(&mut i, &mut w, 1, size);
+        }
+        entry_of[usize::from(id)] = log.commit(n);
+    }
+
+    /// Attaches the shared in-flight record and recovers from it: the ring position comes from
+    /// the record (the frontend's SET_VRING_BASE is stale after a crash), and the buffer ids of
+    /// the chains a previous device instance took and did not complete are returned in the
+    /// order it took them. Resubmit each with [`resubmit`](Self::resubmit).
+    pub fn attach_inflight(&mut self, region: QueueRegion, features: u64) -> Result<Vec<u16>, &'static str> {
+        if region.queue_size() != self.p.size {
+            return Err("the in-flight region was made for a different queue size");
+        }
+        let mut log = InflightPacked::new(region);
+        let base = self.base();
+        let rec = log.recover(base, features, |slot| if slot < self.p.size { self.flags_at(slot) } else { 0 })?;
+        let size = self.p.size;
+        let slots: u32 = rec.chains.iter().map(|c| u32::from(c.ndesc)).sum();
+        let slots = u16::try_from(slots).ok().filter(|&s| s <= size).ok_or("in-flight chains exceed the ring")?;
+        self.next_used = rec.used;
+        self.used_wrap = rec.used_wrap;
+        self.signalled_used = rec.used;
+        self.signalled_valid = false;
+        let (mut a, mut w) = (rec.used, rec.used_wrap);
+        Self::advance(&mut a, &mut w, slots, size);
+        self.next_avail = a;
+        self.avail_wrap = w;
+        let mut entry_of = vec![u16::MAX; usize::from(size)];
+        for c in &rec.chains {
+            entry_of[usize::from(c.id)] = c.entry;
+        }
+        self.log = Some((log, entry_of));
+        Ok(rec.chains.iter().map(|c| c.id).collect())
+    }
+
+    /// Takes chain `id` again after a restart, from the descriptor copies in the in-flight
+    /// record (the ring slots may hold other chains' used elements by now).
+    pub fn resubmit(&mut self, id: u16) -> Result<DescChain, PopError> {
+        let bad = PopError::Fatal(FatalError::HeadOutOfRange(id));
+        let Some((log, entry_of)) = &self.log else { return Err(bad) };
+        let entry = entry_of.get(usize::from(id)).copied().unwrap_or(u16::MAX);
+        if self.inflight.get(usize::from(id)).is_none_or(|&f| f) || entry == u16::MAX {
+            return Err(bad);
+        }
+        let descs = log.chain(entry).ok_or(bad)?;
+        let n = u16::try_from(descs.len()).map_err(|_| bad)?;
+        self.inflight[usize::from(id)] = true;
+        let descs = descs.into_iter().map(|d| Desc { addr: d.addr, len: d.len, id: d.id, flags: d.flags });
+        match self.walk(descs, n) {
+            Ok(b) => Ok(b.finish(id, n)),
+            Err(kind) => Err(PopError::Chain { head: id, ndesc: n, kind }),
+        }
+    }
+
+    /// Builds the chain of `n` descriptors `descs` (ring order).
+    fn walk(&self, descs: impl Iterator<Item = Desc>, n: u16) -> Result<ChainBuilder, ChainError> {
+        let mut b = ChainBuilder::new();
+        for (k, d) in (0..n).zip(descs) {
             if d.flags & F_INDIRECT != 0 {
                 if !self.p.indirect {
                     return Err(ChainError::IndirectNotNegotiated);
@@ -200,7 +281,6 @@ impl PackedQueue {
             } else {
                 b.add(&self.mem, d.addr, d.len, d.flags & F_WRITE != 0)?;
             }
-            Self::advance(&mut i, &mut w, 1, self.p.size);
         }
         Ok(b)
     }
@@ -223,6 +303,19 @@ impl PackedQueue {
 
     pub fn push_used(&mut self, id: u16, ndesc: u16, len: u32) {
         let slot = usize::from(self.next_used);
+        let (mut next, mut wrap) = (self.next_used, self.used_wrap);
+        Self::advance(&mut next, &mut wrap, ndesc.clamp(1, self.p.size), self.p.size);
+        let entry = match &mut self.log {
+            Some((log, entry_of)) => match entry_of.get_mut(usize::from(id)) {
+                Some(e) if *e != u16::MAX => {
+                    let entry = std::mem::replace(e, u16::MAX);
+                    log.pre_put(entry, next, wrap);
+                    Some(entry)
+                }
+                _ => None,
+            },
+            None => None,
+        };
         // SAFETY: `next_used < size`; id and len are the 4-aligned fields at 8..16 of the
         // descriptor (the ring is 16-aligned).
         unsafe {
@@ -237,7 +330,10 @@ impl PackedQueue {
         if let Some((d, ring)) = &self.dirty {
             d.mark(ring + 16 * slot as u64, 16);
         }
-        Self::advance(&mut self.next_used, &mut self.used_wrap, ndesc.clamp(1, self.p.size), self.p.size);
+        (self.next_used, self.used_wrap) = (next, wrap);
+        if let (Some((log, _)), Some(entry)) = (&mut self.log, entry) {
+            log.post_put(entry);
+        }
         if let Some(f) = self.inflight.get_mut(usize::from(id)) {
             *f = false;
         }

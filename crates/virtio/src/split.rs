@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vstor_mem::GuestMemory;
 
 use crate::chain::{ChainBuilder, DescChain};
-use crate::inflight::InflightSplit;
+use crate::inflight::{InflightSplit, QueueRegion};
 use crate::ring::{area, read, write};
 use crate::{ChainError, FatalError, PopError, QueueError, QueueParams, MAX_INDIRECT, MAX_QUEUE_SIZE};
 
@@ -158,7 +158,7 @@ impl SplitQueue {
 
     fn log_get(&mut self, head: u16) {
         if let Some(l) = &self.log {
-            self.counter += 1;
+            self.counter = self.counter.wrapping_add(1);
             l.get(head, self.counter);
         }
     }
@@ -166,8 +166,14 @@ impl SplitQueue {
     /// Attaches the shared in-flight record and recovers from it: returns the heads a previous
     /// device instance took and did not complete, in the order it took them; the queue resumes
     /// after them. Resubmit each with [`resubmit`](Self::resubmit).
-    pub fn attach_inflight(&mut self, log: InflightSplit, features: u64) -> Result<Vec<u16>, &'static str> {
-        let heads = log.recover(self.next_used, features)?;
+    pub fn attach_inflight(&mut self, region: QueueRegion, features: u64) -> Result<Vec<u16>, &'static str> {
+        if region.queue_size() != self.p.size {
+            return Err("the in-flight region was made for a different queue size");
+        }
+        let log = InflightSplit::new(region);
+        let (heads, counter) = log.recover(self.next_used, features)?;
+        // Order numbers continue after the recovered ones, so a second crash resubmits in order.
+        self.counter = counter;
         let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
         // Everything taken = everything used + everything still in flight.
         self.next_avail = self.next_used.wrapping_add(n);

@@ -382,7 +382,7 @@ fn inflight_records_survive_a_device_restart_and_resubmit_in_order() {
     let size = crate::inflight::queue_region_size(8);
     let host = m.translate(region, size).unwrap();
     // SAFETY: `host` maps `size` bytes of guest memory that outlive both queues; it is 8-aligned.
-    let log = || unsafe { crate::inflight::InflightSplit::new(host, 8) };
+    let log = || unsafe { crate::inflight::QueueRegion::new(host, 8) };
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     assert!(q.attach_inflight(log(), 7).unwrap().is_empty(), "a fresh region has nothing in flight");
     for h in [2u16, 0, 5] {
@@ -415,7 +415,7 @@ fn inflight_recovery_clears_a_completion_published_before_the_crash() {
     let region = 0x6_0000;
     let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
     // SAFETY: as in the previous test.
-    let log = || unsafe { crate::inflight::InflightSplit::new(host, 8) };
+    let log = || unsafe { crate::inflight::QueueRegion::new(host, 8) };
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     q.attach_inflight(log(), 0).unwrap();
     d.add(3, &[(DATA, 16, false)]);
@@ -423,10 +423,126 @@ fn inflight_recovery_clears_a_completion_published_before_the_crash() {
     q.push_used(c.head, 1, 0);
     // Simulate a crash between publishing the used element and clearing the record.
     m.write(region + 16 + 16 * 3, &[1]).unwrap();
+    assert_eq!(crate::driver::r16(&m, region + 12), 3, "last_batch_head names the completion");
     m.write(region + 14, &0u16.to_le_bytes()).unwrap();
     drop(q);
     let mut p = d.params(false, false);
     p.base = 1;
     let mut q2 = Virtqueue::new(&p, m).unwrap();
     assert!(q2.attach_inflight(log(), 0).unwrap().is_empty(), "the completed head is not resubmitted");
+}
+
+#[test]
+fn split_inflight_order_numbers_at_the_top_of_the_range_do_not_overflow() {
+    // Found by fuzzing: a region whose in-flight head carries the largest order number.
+    let m = guest_mem();
+    let mut d = SplitDriver::new(m.clone(), 8);
+    let region = 0x6_0000;
+    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
+    // SAFETY: as in the previous tests.
+    let log = || unsafe { crate::inflight::QueueRegion::new(host, 8) };
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    q.attach_inflight(log(), 0).unwrap();
+    d.add(3, &[(DATA, 16, false)]);
+    q.pop().unwrap().unwrap();
+    drop(q);
+    m.write(region + 16 + 16 * 3 + 8, &u64::MAX.to_le_bytes()).unwrap();
+    let mut q2 = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert_eq!(q2.attach_inflight(log(), 0).unwrap(), vec![3]);
+    assert_eq!(q2.resubmit(3).unwrap().head, 3);
+}
+
+/// The in-flight region of a packed queue, in guest memory for convenience.
+fn packed_region(m: &GuestMemory) -> (u64, impl Fn() -> crate::inflight::QueueRegion) {
+    let region = 0x6_0000;
+    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
+    // SAFETY: `host` maps `queue_region_size(8)` bytes of guest memory that outlive every queue
+    // of the test; it is 8-aligned.
+    (region, move || unsafe { crate::inflight::QueueRegion::new(host, 8) })
+}
+
+const PACKED: u64 = features::RING_PACKED;
+
+#[test]
+fn packed_inflight_resubmits_from_copies_after_out_of_order_completion() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let (_, log) = packed_region(&m);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert!(q.attach_inflight(log(), PACKED).unwrap().is_empty(), "a fresh region has nothing in flight");
+    d.add(0, &[(DATA, 16, 0), (DATA + 0x100, 512, 2), (DATA + 0x300, 1, 2)]);
+    d.add(1, &[(DATA + 0x400, 16, 0), (DATA + 0x500, 1, 2)]);
+    d.add(2, &[(DATA + 0x600, 32, 0)]);
+    let taken: Vec<(u16, u16)> = (0..3).map(|_| q.pop().unwrap().unwrap()).map(|c| (c.head, c.ndesc)).collect();
+    assert_eq!(taken, vec![(0, 3), (1, 2), (2, 1)]);
+    // Chain 1 completes first: its used element goes over slot 0, chain 0's first descriptor.
+    q.push_used(1, 2, 7);
+    assert_eq!(d.used(), vec![(1, 7)]);
+    drop(q); // the device dies with chains 0 and 2 in flight
+
+    // The frontend cannot know where a packed ring stands after a crash: it sends its stale base
+    // (slot 0, wrap 1); the position comes from the region.
+    let mut q2 = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert_eq!(q2.attach_inflight(log(), PACKED).unwrap(), vec![0, 2], "in the order they were taken");
+    assert_eq!(q2.base(), 6 | 1 << 15, "next slot: 2 used + 4 still in flight");
+    let c = q2.resubmit(0).unwrap();
+    assert_eq!(
+        (c.head, c.ndesc, c.readable.total_len(), c.writable.total_len()),
+        (0, 3, 16, 513),
+        "chain 0 rebuilt from its copies"
+    );
+    let c2 = q2.resubmit(2).unwrap();
+    assert_eq!((c2.head, c2.ndesc, c2.readable.total_len()), (2, 1, 32));
+    assert!(q2.resubmit(2).is_err(), "a chain is resubmitted once");
+    q2.push_used(2, 1, 0);
+    q2.push_used(0, 3, 513);
+    d.add(1, &[(DATA + 0x700, 16, 0)]);
+    let c = q2.pop().unwrap().unwrap();
+    assert_eq!((c.head, c.readable.total_len()), (1, 16), "new requests continue after the recovered ones");
+    q2.push_used(1, 1, 0);
+    assert_eq!(d.used(), vec![(2, 0), (0, 513), (1, 0)]);
+    drop(q2);
+    // Nothing is left in flight for a third instance.
+    let mut q3 = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert!(q3.attach_inflight(log(), PACKED).unwrap().is_empty());
+    assert_eq!(q3.base(), q3.base() & 0x8000 | 7, "resumes after the last chain");
+}
+
+#[test]
+fn packed_inflight_keeps_order_numbers_across_two_crashes() {
+    let m = guest_mem();
+    let mut d = PackedDriver::new(m.clone(), 8);
+    let (_, log) = packed_region(&m);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    q.attach_inflight(log(), PACKED).unwrap();
+    d.add(5, &[(DATA, 16, 0)]);
+    q.pop().unwrap().unwrap();
+    drop(q);
+    let mut q2 = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert_eq!(q2.attach_inflight(log(), PACKED).unwrap(), vec![5]);
+    q2.resubmit(5).unwrap();
+    d.add(3, &[(DATA, 16, 0)]);
+    assert_eq!(q2.pop().unwrap().unwrap().head, 3);
+    drop(q2);
+    let mut q3 = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    assert_eq!(q3.attach_inflight(log(), PACKED).unwrap(), vec![5, 3], "the first-taken chain stays first");
+}
+
+#[test]
+fn inflight_region_of_the_other_layout_or_size_is_refused() {
+    let m = guest_mem();
+    let d = PackedDriver::new(m.clone(), 8);
+    let (_, log) = packed_region(&m);
+    let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
+    q.attach_inflight(log(), PACKED).unwrap();
+    drop(q);
+    let s = SplitDriver::new(m.clone(), 8);
+    let mut split = Virtqueue::new(&s.params(false, false), m.clone()).unwrap();
+    assert!(split.attach_inflight(log(), 0).unwrap_err().contains("other ring layout"));
+    let host = m.translate(0x6_0000, crate::inflight::queue_region_size(16)).unwrap();
+    let d16 = PackedDriver::new(m.clone(), 16);
+    let mut q16 = Virtqueue::new(&d16.params(false, false), m.clone()).unwrap();
+    // SAFETY: as in `packed_region`, for a 16-entry queue.
+    let r16 = unsafe { crate::inflight::QueueRegion::new(host, 16) };
+    assert!(q16.attach_inflight(r16, PACKED).unwrap_err().contains("different queue size"));
 }

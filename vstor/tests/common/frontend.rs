@@ -14,12 +14,13 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vstor_mem::{memfd, GuestMemory, Region};
-use vstor_virtio::driver::SplitDriver;
+use vstor_virtio::driver::{PackedDriver, SplitDriver};
 
 pub const VERSION_1: u64 = 1 << 32;
 pub const PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const EVENT_IDX: u64 = 1 << 29;
 pub const INDIRECT: u64 = 1 << 28;
+pub const RING_PACKED: u64 = 1 << 34;
 
 /// Guest memory layout: rings of queue `q` at `q * RING_STRIDE`, data from `DATA`.
 pub const RING_STRIDE: u64 = 0x10_0000;
@@ -28,6 +29,8 @@ pub const MEM_SIZE: u64 = 64 << 20;
 
 pub struct Queue {
     pub d: SplitDriver,
+    /// The packed ring driver, when RING_PACKED was negotiated (`d` is then unused).
+    pub p: Option<PackedDriver>,
     pub kick: EventFd,
     pub call: EventFd,
     pub err: EventFd,
@@ -90,11 +93,16 @@ impl TestFrontend {
         let mut t =
             Self { fe, mem, file, queues: Vec::new(), nq, features: 0, want, size, inflight: None, postcopy: None };
         t.handshake_full(inflight, postcopy);
+        let packed = t.features & RING_PACKED != 0;
+        assert_eq!(packed, want & RING_PACKED != 0, "the backend offers packed rings when asked");
         for q in 0..nq {
-            let d = SplitDriver::new_at(t.mem.clone(), size, 0x1000 + q as u64 * RING_STRIDE);
+            let at = 0x1000 + q as u64 * RING_STRIDE;
+            let d = SplitDriver::new_at(t.mem.clone(), size, at);
+            let p = packed.then(|| PackedDriver::new_at(t.mem.clone(), size, at));
             let new = || EventFd::new(EFD_NONBLOCK).unwrap();
-            t.queues.push(Queue { d, kick: new(), call: new(), err: new() });
-            t.start_queue(q, 0);
+            t.queues.push(Queue { d, p, kick: new(), call: new(), err: new() });
+            // A packed ring starts at slot 0 with wrap counter 1.
+            t.start_queue(q, if packed { 1 << 15 } else { 0 });
         }
         t
     }
@@ -147,16 +155,20 @@ impl TestFrontend {
     }
 
     fn start_queue(&mut self, q: usize, base: u16) {
-        let Queue { d, kick, call, err } = &self.queues[q];
+        let Queue { d, p, kick, call, err } = &self.queues[q];
         let fe = &mut self.fe;
         fe.set_vring_num(q, d.size).unwrap();
+        let (desc, driver, device) = match p {
+            Some(p) => (p.desc, p.drv, p.dev),
+            None => (d.desc, d.avail, d.used),
+        };
         let cfg = VringConfigData {
             queue_max_size: d.size,
             queue_size: d.size,
             flags: 0,
-            desc_table_addr: d.desc,
-            used_ring_addr: d.used,
-            avail_ring_addr: d.avail,
+            desc_table_addr: desc,
+            used_ring_addr: device,
+            avail_ring_addr: driver,
             log_addr: None,
         };
         fe.set_vring_addr(q, &cfg).unwrap();
@@ -168,8 +180,9 @@ impl TestFrontend {
     }
 
     /// Connects again (after the backend restarted), with the same memory, rings and in-flight
-    /// region. Each ring restarts at the used index found in memory, as QEMU does when it could
-    /// not ask the dead backend where it was.
+    /// region. Each split ring restarts at the used index found in memory, as QEMU does when it
+    /// could not ask the dead backend where it was; a packed ring has no such index, so QEMU sends
+    /// the base it last knew (here: where the ring started), and so does this.
     pub fn reconnect(&mut self, sock: &Path) {
         let deadline = Instant::now() + Duration::from_secs(10);
         self.fe = loop {
@@ -184,8 +197,11 @@ impl TestFrontend {
         let inflight = self.inflight.is_some();
         self.handshake(inflight);
         for q in 0..self.queues.len() {
-            let used = vstor_virtio::driver::r16(&self.mem, self.queues[q].d.used + 2);
-            self.start_queue(q, used);
+            let base = match &self.queues[q].p {
+                Some(_) => 1 << 15,
+                None => vstor_virtio::driver::r16(&self.mem, self.queues[q].d.used + 2),
+            };
+            self.start_queue(q, base);
         }
     }
 
@@ -234,7 +250,11 @@ impl TestFrontend {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         while got.len() < n {
-            got.extend(self.queues[q].d.used());
+            let Queue { d, p, .. } = &mut self.queues[q];
+            match p {
+                Some(p) => got.extend(p.used().into_iter().map(|(id, len)| (u32::from(id), len))),
+                None => got.extend(d.used()),
+            }
             if got.len() >= n {
                 break;
             }
