@@ -115,27 +115,32 @@ impl IoVecs {
         if offset.checked_add(len)? > self.total {
             return None;
         }
-        let mut out = IoVecs::new();
-        let (mut skip, mut want) = (offset, len);
-        for s in &self.v {
-            if want == 0 {
-                break;
-            }
-            let l = s.iov_len as u64;
-            if skip >= l {
-                skip -= l;
-                continue;
-            }
-            let take = (l - skip).min(want);
-            // SAFETY: `skip + take <= iov_len`, so the piece lies inside a segment that is valid
-            // under `push_raw`'s contract, which the new list inherits.
-            unsafe {
-                out.push_raw(s.iov_base.cast::<u8>().add(usize::try_from(skip).ok()?), usize::try_from(take).ok()?)
-            };
-            want -= take;
-            skip = 0;
+        if len == 0 {
+            return Some(IoVecs::new());
         }
-        Some(out)
+        // Find the segments holding the first and the last byte, copy that run of segments in
+        // one go, then trim its two ends.
+        let (mut first, mut skip) = (0, offset);
+        while skip >= self.v.get(first)?.iov_len as u64 {
+            skip -= self.v[first].iov_len as u64;
+            first += 1;
+        }
+        let (mut last, mut upto) = (first, skip + len);
+        while upto > self.v.get(last)?.iov_len as u64 {
+            upto -= self.v[last].iov_len as u64;
+            last += 1;
+        }
+        let mut v: SmallVec<[libc::iovec; 4]> = SmallVec::from_slice(self.v.get(first..=last)?);
+        // Both fit in a segment length (a usize): skip < iov_len[first], upto <= iov_len[last].
+        let (skip, upto) = (usize::try_from(skip).ok()?, usize::try_from(upto).ok()?);
+        let n = v.len();
+        v[n - 1].iov_len = upto;
+        // SAFETY: `skip < iov_len` of the first segment (and `skip < upto` when it is also the
+        // last): the new base stays inside it, so every piece lies inside a segment that is valid
+        // under `push_raw`'s contract, which the new list inherits.
+        v[0].iov_base = unsafe { v[0].iov_base.cast::<u8>().add(skip) }.cast();
+        v[0].iov_len -= skip;
+        Some(IoVecs { v, total: len })
     }
 
     /// Total bytes.
@@ -220,21 +225,62 @@ impl IoVecs {
         off
     }
 
+    /// Calls `f(ptr, at, n)` for each piece of the bytes `offset..offset + len` (cut to the
+    /// list's end): `n` bytes at `ptr`, which are bytes `at..at + n` of the range. Returns the
+    /// bytes visited. Walks the segments in place (no sub-list is built).
+    fn for_range(&self, offset: u64, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) -> usize {
+        let (mut skip, mut at) = (offset, 0usize);
+        for s in &self.v {
+            if at >= len {
+                break;
+            }
+            let l = s.iov_len as u64;
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            // `skip < l = iov_len`, a usize.
+            let k = usize::try_from(skip).unwrap_or(0);
+            let n = (s.iov_len - k).min(len - at);
+            // SAFETY: `k < iov_len`: the pointer stays inside the segment.
+            f(unsafe { s.iov_base.cast::<u8>().add(k) }, at, n);
+            at += n;
+            skip = 0;
+        }
+        at
+    }
+
     /// Copies `src` into the list starting `offset` bytes in; returns bytes copied.
     pub fn copy_from_at(&self, offset: u64, src: &[u8]) -> usize {
-        let avail = self.total.saturating_sub(offset).min(src.len() as u64);
-        match self.sub(offset, avail) {
-            Some(v) => v.copy_from(&src[..usize::try_from(avail).unwrap_or(0)]),
-            None => 0,
-        }
+        self.for_range(offset, src.len(), |p, at, n| {
+            // SAFETY: `p..p+n` lies inside one segment, valid for writes (contract of `push_raw`);
+            // `src[at..at+n]` is in bounds (`for_range` stops at `src.len()`); guest memory and a
+            // Rust slice cannot overlap (see `copy_from`).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(at), p, n) }
+        })
     }
 
     /// Copies `dst.len()` bytes (or what there is) starting `offset` bytes in; returns bytes copied.
     pub fn copy_to_at(&self, offset: u64, dst: &mut [u8]) -> usize {
-        let avail = self.total.saturating_sub(offset).min(dst.len() as u64);
-        match self.sub(offset, avail) {
-            Some(v) => v.copy_to(&mut dst[..usize::try_from(avail).unwrap_or(0)]),
-            None => 0,
+        let len = dst.len();
+        let d = dst.as_mut_ptr();
+        self.for_range(offset, len, |p, at, n| {
+            // SAFETY: as in `copy_from_at`, with the directions swapped.
+            unsafe { std::ptr::copy_nonoverlapping(p, d.add(at), n) }
+        })
+    }
+
+    /// Writes `b` as the list's last byte (a virtio status byte); false if the list is empty.
+    pub fn set_last_byte(&self, b: u8) -> bool {
+        // Segments are never empty (`push_raw` drops zero-length ones).
+        match self.v.last() {
+            Some(s) if s.iov_len > 0 => {
+                // SAFETY: `iov_len - 1 < iov_len`: the byte lies inside the segment, valid for
+                // writes under `push_raw`'s contract.
+                unsafe { s.iov_base.cast::<u8>().add(s.iov_len - 1).write_volatile(b) };
+                true
+            }
+            _ => false,
         }
     }
 

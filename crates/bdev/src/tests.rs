@@ -460,6 +460,36 @@ fn reset_completes_after_earlier_io() {
 }
 
 #[test]
+fn iovec_sub_and_offset_copies_agree_with_byte_arithmetic_for_every_range() {
+    let mut buf = AlignedBuf::zeroed(100, 8).unwrap();
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    for seg in [1usize, 7, 30, 100] {
+        let v = iovs(&mut buf, seg);
+        for off in 0..=100u64 {
+            for len in 0..=(100 - off) {
+                let s = v.sub(off, len).unwrap_or_else(|| panic!("sub({off}, {len}) of segments of {seg}"));
+                let mut out = vec![0u8; len as usize];
+                assert_eq!(s.copy_to(&mut out), len as usize);
+                let want: Vec<u8> = (off..off + len).map(|b| b as u8).collect();
+                assert_eq!(out, want, "sub({off}, {len}) of segments of {seg}");
+                assert_eq!(s.total_len(), len);
+                assert!(s.as_slice().iter().all(|i| i.iov_len > 0), "no empty segments");
+                let mut at = vec![0u8; len as usize];
+                assert_eq!(v.copy_to_at(off, &mut at), len as usize);
+                assert_eq!(at, want, "copy_to_at({off}, {len})");
+            }
+            assert!(v.sub(off, 101 - off).is_none(), "past the end");
+        }
+    }
+    let v = iovs(&mut buf, 30);
+    assert!(v.set_last_byte(0xAB));
+    assert_eq!(buf.as_slice()[99], 0xAB, "the last byte of the last segment");
+    assert!(!IoVecs::new().set_last_byte(1));
+}
+
+#[test]
 fn iovec_sub_ranges_cover_exactly_the_bytes_asked_for() {
     let mut buf = AlignedBuf::zeroed(100, 8).unwrap();
     for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {

@@ -108,12 +108,12 @@ impl BlkDevice {
 /// request is in flight; see `QueueCore::set_memory`.)
 struct Req {
     ndesc: u16,
-    /// Where the status byte goes.
-    status: IoVecs,
     /// Bytes written to the driver on success (data + status).
     written: u32,
-    /// Data buffers the device writes (reads), for migration dirty logging.
-    data_in: Option<IoVecs>,
+    /// The chain's device-writable buffers: read data, then the status byte (the last byte).
+    /// Kept whole so the status needs no list of its own and a migration's dirty log can be
+    /// told every page the device wrote.
+    writable: IoVecs,
 }
 
 /// Per-queue virtio-blk handler.
@@ -138,10 +138,13 @@ impl BlkHandler {
         Ok(Self { dev, ch, reqs, features })
     }
 
-    fn finish(core: &mut QueueCore, head: u16, ndesc: u16, status_iov: &IoVecs, status: u32, written: u32) {
+    /// Writes the status into the last byte of `writable` and returns the chain. Every page of
+    /// `writable` is marked for a migration's dirty log: data the device (or io_uring, behind our
+    /// back) wrote as well as the status; marking a page not written costs one more page copy.
+    fn finish(core: &mut QueueCore, head: u16, ndesc: u16, writable: &IoVecs, status: u32, written: u32) {
         let byte = u8::try_from(status).unwrap_or(1); // VIRTIO_BLK_S_IOERR
-        status_iov.copy_from(&[byte]);
-        core.mark_written(status_iov);
+        writable.set_last_byte(byte);
+        core.mark_written(writable);
         core.complete(head, ndesc, written);
     }
 
@@ -209,39 +212,37 @@ impl QueueHandler for BlkHandler {
             core.complete(head, ndesc, 0);
             return;
         }
-        let status = chain.writable.sub(wlen - 1, 1).unwrap_or_default();
+        let status = &chain.writable;
         let mut hdr = [0u8; 16];
         if chain.readable.total_len() < 16 {
-            return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_IOERR, 1);
+            return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
         }
         chain.readable.copy_to(&mut hdr);
         let rtype = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
         let data_in_len = wlen - 1;
-        let mut data_in = None;
         let op = match rtype {
             VIRTIO_BLK_T_IN => {
                 let Some((off, n)) = self.blocks(sector, data_in_len) else {
-                    return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_IOERR, 1);
+                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
                 };
                 let iovs = chain.writable.sub(0, data_in_len).unwrap_or_default();
-                data_in = Some(chain.writable.sub(0, data_in_len).unwrap_or_default());
                 (IoOp::Read { offset_blocks: off, num_blocks: n, iovs }, u32::try_from(wlen).unwrap_or(u32::MAX))
             }
             VIRTIO_BLK_T_OUT => {
                 if self.dev.ro() {
-                    return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_IOERR, 1);
+                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
                 }
                 let len = chain.readable.total_len() - 16;
                 let Some((off, n)) = self.blocks(sector, len) else {
-                    return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_IOERR, 1);
+                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
                 };
                 let iovs = chain.readable.sub(16, len).unwrap_or_default();
                 (IoOp::Write { offset_blocks: off, num_blocks: n, iovs, fua: false }, 1)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.dev.bdev.io_type_supported(IoType::Flush) {
-                    return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_OK, 1);
+                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_OK, 1);
                 }
                 (IoOp::Flush, 1)
             }
@@ -251,19 +252,18 @@ impl QueueHandler for BlkHandler {
                 buf[..id.len()].copy_from_slice(&id);
                 let n = usize::try_from(data_in_len).unwrap_or(0).min(GET_ID_BYTES);
                 chain.writable.copy_from(&buf[..n]);
-                core.mark_written(&chain.writable);
                 let written = u32::try_from(n).unwrap_or(0) + 1;
-                return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_OK, written);
+                return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_OK, written);
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let wz = rtype == VIRTIO_BLK_T_WRITE_ZEROES;
                 let feature = if wz { VIRTIO_BLK_F_WRITE_ZEROES } else { VIRTIO_BLK_F_DISCARD };
                 if self.features & bit(feature) == 0 || self.dev.ro() {
-                    return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_UNSUPP, 1);
+                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_UNSUPP, 1);
                 }
                 let ranges = match self.segments(&chain, wz) {
                     Ok(r) => r,
-                    Err(s) => return Self::finish(core, head, ndesc, &status, s, 1),
+                    Err(s) => return Self::finish(core, head, ndesc, status, s, 1),
                 };
                 if wz {
                     let r = ranges[0];
@@ -272,13 +272,13 @@ impl QueueHandler for BlkHandler {
                     (IoOp::Unmap { ranges }, 1)
                 }
             }
-            _ => return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_UNSUPP, 1),
+            _ => return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_UNSUPP, 1),
         };
         let (op, written) = op;
         if let IoOp::Read { num_blocks: 0, .. } | IoOp::Write { num_blocks: 0, .. } = op {
-            return Self::finish(core, head, ndesc, &status, VIRTIO_BLK_S_OK, written);
+            return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_OK, written);
         }
-        self.reqs[usize::from(head)] = Some(Req { ndesc, status, written, data_in });
+        self.reqs[usize::from(head)] = Some(Req { ndesc, written, writable: chain.writable });
         if let Some(result) = self.ch.try_submit(op, IoCallback { sink: me.clone(), tag: u64::from(head) }) {
             // Completed at once (RAM or null bdev, or refused): answer without a callback.
             self.io_done(core, u64::from(head), result);
@@ -302,10 +302,6 @@ impl QueueHandler for BlkHandler {
         let head = u16::try_from(tag).unwrap_or(0);
         let status = Self::status_of(&result);
         let written = if result.is_ok() { req.written } else { 1 };
-        if let Some(d) = &req.data_in {
-            // io_uring wrote these pages behind our back: log them before the driver sees them.
-            core.mark_written(d);
-        }
-        Self::finish(core, head, req.ndesc, &req.status, status, written);
+        Self::finish(core, head, req.ndesc, &req.writable, status, written);
     }
 }
