@@ -181,3 +181,38 @@ fn scsi_commands_in_flight_at_a_kill_9_are_completed_by_the_next_vstor() {
     }
     assert!(d.log().contains("resubmitting requests left in flight"), "{}", d.log());
 }
+
+/// The in-flight region comes from the frontend, which keeps it across restarts and may hand back
+/// anything. One whose packed free list loops is refused with the reason logged, and the queue
+/// serves requests without tracking; it is not followed around the loop.
+#[test]
+fn a_scribbled_inflight_region_is_refused_and_the_queue_still_serves() {
+    let (mut d, _img) = slow_disk_daemon(json!({"subsystem": "vhost_blk", "config": [
+        {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vb", "dev_name": "D0", "packed_ring": true}}]}));
+    let sock = d.dir.path().join("vb");
+    let mut f = TestFrontend::connect_inflight(&sock, 1, 64, EVENT_IDX | RING_PACKED);
+    let read = |f: &mut TestFrontend, id: u16| {
+        let base = DATA + u64::from(id) * 0x1_0000;
+        f.write(base, &blk_header(0, 0));
+        f.write(base + 0x8000, &[0xff]);
+        f.queues[0].p.as_mut().unwrap().add(id, &[(base, 16, 0), (base + 0x1000, 512, 2), (base + 0x8000, 1, 2)]);
+        f.queues[0].kick.write(1).unwrap();
+        assert_eq!(f.wait_used(0, 1, T), vec![(u32::from(id), 513)], "read {id}");
+    };
+    read(&mut f, 0);
+    // Point every entry's `next` at entry 0 (32-byte header, 32-byte entries, `next` at +2).
+    {
+        use std::os::unix::fs::FileExt;
+        let (_, file) = f.inflight.as_ref().unwrap();
+        for e in 0..64u64 {
+            file.write_all_at(&0u16.to_le_bytes(), 32 + 32 * e + 2).unwrap();
+        }
+    }
+    d.kill_and_restart(None);
+    // Without a usable region, a packed ring resumes where the frontend says; this frontend
+    // knows (slot 3, wrap 1).
+    f.reconnect_at(&sock, &[3 | 1 << 15]);
+    read(&mut f, 1);
+    let log = d.log();
+    assert!(log.contains("in-flight region ignored: the in-flight region's free list has a loop"), "{log}");
+}

@@ -184,6 +184,17 @@ impl TestFrontend {
     /// could not ask the dead backend where it was; a packed ring has no such index, so QEMU sends
     /// the base it last knew (here: where the ring started), and so does this.
     pub fn reconnect(&mut self, sock: &Path) {
+        let bases: Vec<u16> = (0..self.queues.len())
+            .map(|q| match &self.queues[q].p {
+                Some(_) => 1 << 15,
+                None => vstor_virtio::driver::r16(&self.mem, self.queues[q].d.used + 2),
+            })
+            .collect();
+        self.reconnect_at(sock, &bases);
+    }
+
+    /// [`reconnect`](Self::reconnect) with the SET_VRING_BASE value of each queue given.
+    pub fn reconnect_at(&mut self, sock: &Path, bases: &[u16]) {
         let deadline = Instant::now() + Duration::from_secs(10);
         self.fe = loop {
             match Frontend::connect(sock, self.queues.len() as u64) {
@@ -196,11 +207,7 @@ impl TestFrontend {
         };
         let inflight = self.inflight.is_some();
         self.handshake(inflight);
-        for q in 0..self.queues.len() {
-            let base = match &self.queues[q].p {
-                Some(_) => 1 << 15,
-                None => vstor_virtio::driver::r16(&self.mem, self.queues[q].d.used + 2),
-            };
+        for (q, &base) in bases.iter().enumerate() {
             self.start_queue(q, base);
         }
     }
