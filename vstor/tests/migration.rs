@@ -53,6 +53,38 @@ fn every_page_the_device_writes_is_logged_while_logging_is_on() {
     assert!(!log.is_dirty(data2) && !log.is_dirty(status2), "no logging after LOG_ALL is cleared");
 }
 
+/// The same for vhost-user-scsi: a READ(10)'s data-in pages (written by io_uring) and its
+/// response header are logged; the request header is not.
+#[test]
+fn every_page_the_scsi_device_writes_is_logged_while_logging_is_on() {
+    let dir = test_dir();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0x66u8; 1 << 20]).unwrap();
+    let d = Daemon::start_in(dir, &[]);
+    d.rpc_ok("bdev_uring_create", json!({"name": "U0", "filename": img.to_str().unwrap()}));
+    d.rpc_ok("vhost_create_scsi_controller", json!({"ctrlr": "vs"}));
+    d.rpc_ok("vhost_scsi_controller_add_target", json!({"ctrlr": "vs", "scsi_target_num": 0, "bdev_name": "U0"}));
+    // Control, event and one request queue (index 2).
+    let mut f = TestFrontend::connect(&d.dir.path().join("vs"), 3, 64, EVENT_IDX);
+    let log = f.start_logging();
+    let base = DATA + 0x10_0000;
+    let (resp, data) = (base + 0x9000, base + 0x4000);
+    // virtio-scsi request header: LUN 0 of target 0, READ(10) of 8 blocks of 512 bytes at LBA 0.
+    let mut req = [0u8; 51];
+    req[0] = 1;
+    req[19..29].copy_from_slice(&[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+    f.write(base, &req);
+    f.queues[2].d.add(0, &[(base, 51, false), (resp, 108, true), (data, 4096, true)]);
+    f.queues[2].kick.write(1).unwrap();
+    assert_eq!(f.wait_used(2, 1, T), vec![(0, 108 + 4096)]);
+    assert_eq!((f.read(resp + 11, 1)[0], f.read(resp + 10, 1)[0]), (0, 0), "VIRTIO_SCSI_S_OK, GOOD");
+    assert_eq!(f.read(data, 4), vec![0x66; 4], "io_uring read the file into guest memory");
+    assert!(log.is_dirty(data) && log.is_dirty(data + 4095), "data-in written by io_uring is logged: {}", d.log());
+    assert!(log.is_dirty(resp), "the response header is logged");
+    assert!(log.is_dirty(f.queues[2].d.used), "the used ring is logged");
+    assert!(!log.is_dirty(base), "the request header (read by the device) is not");
+}
+
 #[test]
 fn one_bdev_on_two_controllers_runs_on_one_side_at_a_time() {
     let d = Daemon::start(&[]);

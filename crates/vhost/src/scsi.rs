@@ -421,10 +421,10 @@ struct TargetChan {
 struct Req {
     ndesc: u16,
     target: usize,
-    resp: vstor_bdev::IoVecs,
     data_in_total: u64,
-    /// The data-in buffers, for migration dirty logging.
-    data_in: vstor_bdev::IoVecs,
+    /// The chain's device-writable buffers: the response header, then the data-in buffers. Kept
+    /// whole: the response is written at its start, and a migration's dirty log is told all of it.
+    writable: vstor_bdev::IoVecs,
 }
 
 /// Serves commands on one request queue.
@@ -484,11 +484,14 @@ impl RequestHandler {
         }
     }
 
+    /// Writes the response header at the start of `writable` (the chain's device-writable
+    /// buffers) and returns the chain; every page of `writable` is marked for a migration's dirty
+    /// log (data-in the target wrote as well as the header).
     fn respond(
         core: &mut QueueCore,
         head: u16,
         ndesc: u16,
-        resp: &vstor_bdev::IoVecs,
+        writable: &vstor_bdev::IoVecs,
         r: &TaskResult,
         resid: u32,
         response: u8,
@@ -503,18 +506,16 @@ impl RequestHandler {
         if let Some(s) = sense {
             b[12..12 + sense_len].copy_from_slice(&s[..sense_len]);
         }
-        resp.copy_from(&b);
-        core.mark_written(resp);
+        writable.copy_from(&b);
+        core.mark_written(writable);
         core.complete(head, ndesc, u32::try_from(RESP_HDR).unwrap_or(0) + r.data_in_len);
     }
 
-    fn bad_target(core: &mut QueueCore, head: u16, ndesc: u16, resp: &vstor_bdev::IoVecs) {
-        let r = TaskResult::good(0);
+    fn bad_target(core: &mut QueueCore, head: u16, ndesc: u16, writable: &vstor_bdev::IoVecs) {
         let mut b = [0u8; RESP_HDR_LEN];
         b[11] = S_BAD_TARGET;
-        resp.copy_from(&b);
-        core.mark_written(resp);
-        let _ = r;
+        writable.copy_from(&b);
+        core.mark_written(writable);
         core.complete(head, ndesc, u32::try_from(RESP_HDR).unwrap_or(0));
     }
 
@@ -543,7 +544,6 @@ impl QueueHandler for RequestHandler {
         }
         let mut hdr = [0u8; REQ_HDR_LEN];
         chain.readable.copy_to(&mut hdr);
-        let resp = chain.writable.sub(0, RESP_HDR).unwrap_or_default();
         let lun = &hdr[0..8];
         let target = usize::from(lun[1]);
         // virtio 5.6.6.1: lun[0] is 1; lun[1] the target; lun[2..4] the flat LUN.
@@ -551,24 +551,22 @@ impl QueueHandler for RequestHandler {
         let present =
             lun[0] == 1 && target < MAX_TARGETS && self.targets[target].as_ref().is_some_and(|t| t.removing.is_none());
         if !present {
-            return Self::bad_target(core, head, ndesc, &resp);
+            return Self::bad_target(core, head, ndesc, &chain.writable);
         }
         let data_out = chain.readable.sub(REQ_HDR, rlen - REQ_HDR).unwrap_or_default();
         let data_in = chain.writable.sub(RESP_HDR, wlen - RESP_HDR).unwrap_or_default();
         let data_in_total = data_in.total_len();
-        let data_in_copy = data_in.sub(0, data_in_total).unwrap_or_default();
         let task = ScsiTask::new(&hdr[19..51], data_out, data_in);
         if lun_num != 0 || lun[4..8] != [0, 0, 0, 0] {
             let r = lun_not_present(&task);
-            if r.data_in_len > 0 {
-                core.mark_written(&data_in_copy);
-            }
             let resid = u32::try_from(data_in_total.saturating_sub(u64::from(r.data_in_len))).unwrap_or(0);
-            return Self::respond(core, head, ndesc, &resp, &r, resid, S_OK);
+            return Self::respond(core, head, ndesc, &chain.writable, &r, resid, S_OK);
         }
-        let Some(t) = self.targets[target].as_mut() else { return Self::bad_target(core, head, ndesc, &resp) };
+        let Some(t) = self.targets[target].as_mut() else {
+            return Self::bad_target(core, head, ndesc, &chain.writable);
+        };
         t.inflight += 1;
-        self.reqs[usize::from(head)] = Some(Req { ndesc, target, resp, data_in_total, data_in: data_in_copy });
+        self.reqs[usize::from(head)] = Some(Req { ndesc, target, data_in_total, writable: chain.writable });
         t.ch.submit(task, TaskCallback { sink: me.clone(), tag: u64::from(head) });
     }
 
@@ -587,11 +585,8 @@ impl QueueHandler for RequestHandler {
             return;
         };
         let head = u16::try_from(tag).unwrap_or(0);
-        if r.data_in_len > 0 {
-            core.mark_written(&req.data_in);
-        }
         let resid = u32::try_from(req.data_in_total.saturating_sub(u64::from(r.data_in_len))).unwrap_or(0);
-        Self::respond(core, head, req.ndesc, &req.resp, &r, resid, S_OK);
+        Self::respond(core, head, req.ndesc, &req.writable, &r, resid, S_OK);
         if let Some(t) = self.targets[req.target].as_mut() {
             t.inflight = t.inflight.saturating_sub(1);
             if t.inflight == 0 {

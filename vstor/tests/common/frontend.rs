@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{FrontendReq, VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -221,6 +223,9 @@ impl TestFrontend {
         self.fe.set_log_base(0, Some(region)).unwrap();
         self.features |= 1 << 26;
         self.fe.set_features(self.features).unwrap();
+        // As QEMU does, wait for the backend's reply to SET_VRING_ADDR with the log flag: the
+        // rings log from then on.
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         for (q, Queue { d, .. }) in self.queues.iter().enumerate() {
             let cfg = VringConfigData {
                 queue_max_size: d.size,
@@ -233,6 +238,7 @@ impl TestFrontend {
             };
             self.fe.set_vring_addr(q, &cfg).unwrap();
         }
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
         vstor_mem::DirtyLog::map(&file, size, 0).unwrap()
     }
 
