@@ -9,8 +9,8 @@ use vstor_bdev::mem::AlignedBuf;
 use vstor_bdev::{malloc, null, uring, Bdev, BdevChannel, BdevParams, IoCallback, IoOp, IoResult, IoSink, IoVecs};
 use vstor_reactor::{CpuMask, PollStatus, Poller, Reactor, ReactorConfig, Reactors};
 
-use super::hist::Histogram;
 use super::workload::{check, fill, OpGen, Pattern};
+use super::Tally;
 use super::{process_cpu, PerfArgs, Report};
 
 fn size_mb(spec: Option<&str>, default: u64) -> Result<u64, String> {
@@ -75,11 +75,7 @@ struct JobState {
     finished: Option<Instant>,
     outstanding: u64,
     next_generation: u64,
-    hist: Histogram,
-    ios: u64,
-    bytes: u64,
-    errors: u64,
-    miscompares: u64,
+    tally: Tally,
 }
 
 struct Job {
@@ -127,17 +123,11 @@ impl IoSink for Job {
         let st = &mut *st;
         let slot = tag as usize;
         let now = Instant::now();
-        let lat = u64::try_from((now - st.slots[slot].submitted).as_nanos()).unwrap_or(u64::MAX);
-        st.hist.record(lat);
-        st.ios += 1;
-        st.bytes += st.io_bytes;
-        if result.is_err() {
-            st.errors += 1;
-        }
+        st.tally.done(st.slots[slot].submitted, now, st.io_bytes, result.is_ok());
         if st.pattern == Pattern::Verify {
             let s = &mut st.slots[slot];
             if super::verify_step(&mut s.verifying, result.is_ok(), || check(s.buf.as_slice(), s.unit, s.generation)) {
-                st.miscompares += 1;
+                st.tally.miscompares += 1;
             }
         }
         if now < st.deadline || st.slots[slot].verifying {
@@ -179,11 +169,7 @@ impl Poller for JobPoller {
 
 /// Per-job results carried back to the main thread.
 struct JobResult {
-    hist: Histogram,
-    ios: u64,
-    bytes: u64,
-    errors: u64,
-    miscompares: u64,
+    tally: Tally,
     elapsed: Duration,
 }
 
@@ -239,11 +225,7 @@ pub fn run(a: &PerfArgs) -> Result<Report, String> {
                     finished: None,
                     outstanding: 0,
                     next_generation: 0,
-                    hist: Histogram::default(),
-                    ios: 0,
-                    bytes: 0,
-                    errors: 0,
-                    miscompares: 0,
+                    tally: Tally::default(),
                 };
                 let job = Rc::new(Job { st: RefCell::new(st), me: RefCell::new(Weak::new()) });
                 *job.me.borrow_mut() = Rc::downgrade(&job);
@@ -262,14 +244,7 @@ pub fn run(a: &PerfArgs) -> Result<Report, String> {
                     let p = r.poller_mut::<JobPoller>(id)?;
                     let st = p.job.st.borrow();
                     let fin = st.finished?;
-                    Some(JobResult {
-                        hist: st.hist.clone(),
-                        ios: st.ios,
-                        bytes: st.bytes,
-                        errors: st.errors,
-                        miscompares: st.miscompares,
-                        elapsed: fin - st.started.unwrap_or(fin),
-                    })
+                    Some(JobResult { tally: st.tally.clone(), elapsed: fin - st.started.unwrap_or(fin) })
                 })
                 .map_err(|e| e.to_string())?;
             if let Some(r) = r {
@@ -302,11 +277,7 @@ pub fn run(a: &PerfArgs) -> Result<Report, String> {
     };
     let mut longest = Duration::ZERO;
     for r in &results {
-        rep.hist.merge(&r.hist);
-        rep.ios += r.ios;
-        rep.bytes += r.bytes;
-        rep.errors += r.errors;
-        rep.miscompares += r.miscompares;
+        rep.tally.merge(&r.tally);
         longest = longest.max(r.elapsed);
     }
     rep.elapsed = longest;

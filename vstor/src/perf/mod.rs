@@ -17,7 +17,7 @@ mod nvme_job;
 pub mod vhost_job;
 pub mod workload;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::json;
@@ -100,51 +100,77 @@ pub struct PerfArgs {
     pub target_pid: Option<u32>,
 }
 
-/// What one run measured.
-#[derive(Default)]
-pub struct Report {
-    pub label: String,
+/// What a job counts as its requests complete; jobs on several cores merge theirs.
+#[derive(Default, Clone)]
+pub struct Tally {
+    pub hist: Histogram,
     pub ios: u64,
     pub bytes: u64,
     pub errors: u64,
     pub miscompares: u64,
+}
+
+impl Tally {
+    /// One request of `bytes` submitted at `submitted` completed at `now`, successfully or not.
+    pub fn done(&mut self, submitted: Instant, now: Instant, bytes: u64, ok: bool) {
+        self.hist.record(u64::try_from(now.saturating_duration_since(submitted).as_nanos()).unwrap_or(u64::MAX));
+        self.ios += 1;
+        self.bytes += bytes;
+        if !ok {
+            self.errors += 1;
+        }
+    }
+
+    pub fn merge(&mut self, o: &Tally) {
+        self.hist.merge(&o.hist);
+        self.ios += o.ios;
+        self.bytes += o.bytes;
+        self.errors += o.errors;
+        self.miscompares += o.miscompares;
+    }
+}
+
+/// What one run measured.
+#[derive(Default)]
+pub struct Report {
+    pub label: String,
+    pub tally: Tally,
     pub elapsed: Duration,
-    pub hist: Histogram,
     /// CPU time of the measuring process (or target, when known) over the window.
     pub cpu: Duration,
 }
 
 impl Report {
     pub fn iops(&self) -> f64 {
-        self.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.tally.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     pub fn mib_s(&self) -> f64 {
-        self.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.tally.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     pub fn cpu_ns_per_io(&self) -> f64 {
-        if self.ios == 0 {
+        if self.tally.ios == 0 {
             0.0
         } else {
-            self.cpu.as_nanos() as f64 / self.ios as f64
+            self.cpu.as_nanos() as f64 / self.tally.ios as f64
         }
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "label": self.label,
-            "ios": self.ios,
+            "ios": self.tally.ios,
             "iops": self.iops(),
             "mib_s": self.mib_s(),
-            "mean_us": self.hist.mean() / 1000.0,
-            "p50_us": self.hist.quantile(0.50) as f64 / 1000.0,
-            "p99_us": self.hist.quantile(0.99) as f64 / 1000.0,
-            "p999_us": self.hist.quantile(0.999) as f64 / 1000.0,
-            "max_us": self.hist.max() as f64 / 1000.0,
+            "mean_us": self.tally.hist.mean() / 1000.0,
+            "p50_us": self.tally.hist.quantile(0.50) as f64 / 1000.0,
+            "p99_us": self.tally.hist.quantile(0.99) as f64 / 1000.0,
+            "p999_us": self.tally.hist.quantile(0.999) as f64 / 1000.0,
+            "max_us": self.tally.hist.max() as f64 / 1000.0,
             "cpu_ns_per_io": self.cpu_ns_per_io(),
-            "errors": self.errors,
-            "miscompares": self.miscompares,
+            "errors": self.tally.errors,
+            "miscompares": self.tally.miscompares,
             "seconds": self.elapsed.as_secs_f64(),
         })
     }
@@ -159,13 +185,13 @@ impl Report {
             "  {:>12.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>7} {:>7}",
             self.iops(),
             self.mib_s(),
-            self.hist.mean() / 1000.0,
-            self.hist.quantile(0.50) as f64 / 1000.0,
-            self.hist.quantile(0.99) as f64 / 1000.0,
-            self.hist.quantile(0.999) as f64 / 1000.0,
+            self.tally.hist.mean() / 1000.0,
+            self.tally.hist.quantile(0.50) as f64 / 1000.0,
+            self.tally.hist.quantile(0.99) as f64 / 1000.0,
+            self.tally.hist.quantile(0.999) as f64 / 1000.0,
             self.cpu_ns_per_io(),
-            self.errors,
-            self.miscompares
+            self.tally.errors,
+            self.tally.miscompares
         );
     }
 }
@@ -218,7 +244,7 @@ pub fn run(a: PerfArgs) -> i32 {
             } else {
                 rep.print();
             }
-            if rep.errors > 0 || rep.miscompares > 0 {
+            if rep.tally.errors > 0 || rep.tally.miscompares > 0 {
                 1
             } else {
                 0

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use vstor_vfio_user::{ClientOptions, NvmeClient};
 
-use super::hist::Histogram;
 use super::vhost_job::process_cpu_ns;
 use super::workload::{check, fill, OpGen, Pattern};
+use super::Tally;
 use super::{PerfArgs, Report};
 
 struct Slot {
@@ -67,8 +67,8 @@ pub fn run(a: &PerfArgs, dir: &str) -> Result<Report, String> {
             (0..qd).map(|_| Slot { submitted: Instant::now(), unit: 0, verifying: false, generation: 0 }).collect()
         })
         .collect();
-    let mut hist = Histogram::default();
-    let (mut ios, mut errors, mut miscompares, mut next_gen) = (0u64, 0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
+    let mut next_gen = 0u64;
     let buf_off = |q: usize, s: usize| (q * qd + s) * io;
     let nsid = ns.nsid;
 
@@ -125,16 +125,12 @@ pub fn run(a: &PerfArgs, dir: &str) -> Result<Report, String> {
             for &(tag, status) in &done {
                 let s = usize::from(tag);
                 let slot = &mut slots[q][s];
-                hist.record(u64::try_from((now - slot.submitted).as_nanos()).unwrap_or(u64::MAX));
-                ios += 1;
-                if status != 0 {
-                    errors += 1;
-                }
+                tally.done(slot.submitted, now, io as u64, status == 0);
                 if a.workload == Pattern::Verify {
                     let off = buf_off(q, s);
                     let buf = &c.buf()[off..off + io];
                     if super::verify_step(&mut slot.verifying, status == 0, || check(buf, slot.unit, slot.generation)) {
-                        miscompares += 1;
+                        tally.miscompares += 1;
                     }
                 }
                 if now < deadline || slots[q][s].verifying {
@@ -169,12 +165,8 @@ pub fn run(a: &PerfArgs, dir: &str) -> Result<Report, String> {
                 " (CPU per I/O: not measured; pass --target-pid)"
             }
         ),
-        ios,
-        bytes: ios * io as u64,
-        errors,
-        miscompares,
+        tally,
         elapsed,
-        hist,
         cpu: target_cpu,
     })
 }

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::hist::Histogram;
 use super::workload::{check, fill, OpGen, Pattern};
+use super::Tally;
 use super::{PerfArgs, Report};
 use crate::blkclient::{BlkClient, ClientOptions};
 
@@ -57,8 +57,8 @@ pub fn run(a: &PerfArgs, sock: &str) -> Result<Report, String> {
                 .collect()
         })
         .collect();
-    let mut hist = Histogram::default();
-    let (mut ios, mut errors, mut miscompares, mut next_gen) = (0u64, 0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
+    let mut next_gen = 0u64;
     let buf_off = |q: usize, s: usize| (q * qd + s) * io;
 
     let submit =
@@ -110,16 +110,12 @@ pub fn run(a: &PerfArgs, sock: &str) -> Result<Report, String> {
                 let s = tag % qd;
                 let slot = &mut slots[q][s];
                 let now = Instant::now();
-                hist.record(u64::try_from((now - slot.submitted).as_nanos()).unwrap_or(u64::MAX));
-                ios += 1;
-                if ret != 0 {
-                    errors += 1;
-                }
+                tally.done(slot.submitted, now, io as u64, ret == 0);
                 if a.workload == Pattern::Verify {
                     let off = buf_off(q, s);
                     let buf = &c.buf()[off..off + io];
                     if super::verify_step(&mut slot.verifying, ret == 0, || check(buf, slot.unit, slot.generation)) {
-                        miscompares += 1;
+                        tally.miscompares += 1;
                     }
                 }
                 if now < deadline || slots[q][s].verifying {
@@ -149,12 +145,8 @@ pub fn run(a: &PerfArgs, sock: &str) -> Result<Report, String> {
                 " (CPU per I/O: not measured; pass --target-pid)"
             }
         ),
-        ios,
-        bytes: ios * io as u64,
-        errors,
-        miscompares,
+        tally,
         elapsed,
-        hist,
         cpu: target_cpu,
     })
 }
