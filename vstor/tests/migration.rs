@@ -24,13 +24,19 @@ fn read_req(f: &mut TestFrontend, head: u16, base: u64, sector: u64) -> (u64, u6
     (data, status)
 }
 
-#[test]
-fn every_page_the_device_writes_is_logged_while_logging_is_on() {
+/// A daemon with `U0`, a 1 MiB file of `fill` bytes, through io_uring.
+fn daemon_with_file(fill: u8) -> Daemon {
     let dir = test_dir();
     let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0x77u8; 1 << 20]).unwrap();
+    std::fs::write(&img, vec![fill; 1 << 20]).unwrap();
     let d = Daemon::start_in(dir, &[]);
     d.rpc_ok("bdev_uring_create", json!({"name": "U0", "filename": img.to_str().unwrap()}));
+    d
+}
+
+#[test]
+fn every_page_the_device_writes_is_logged_while_logging_is_on() {
+    let d = daemon_with_file(0x77);
     d.rpc_ok("vhost_create_blk_controller", json!({"ctrlr": "vb", "dev_name": "U0"}));
     let mut f = TestFrontend::connect(&d.dir.path().join("vb"), 1, 64, EVENT_IDX);
     // Before logging: nothing is marked (there is no log yet).
@@ -57,11 +63,7 @@ fn every_page_the_device_writes_is_logged_while_logging_is_on() {
 /// response header are logged; the request header is not.
 #[test]
 fn every_page_the_scsi_device_writes_is_logged_while_logging_is_on() {
-    let dir = test_dir();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0x66u8; 1 << 20]).unwrap();
-    let d = Daemon::start_in(dir, &[]);
-    d.rpc_ok("bdev_uring_create", json!({"name": "U0", "filename": img.to_str().unwrap()}));
+    let d = daemon_with_file(0x66);
     d.rpc_ok("vhost_create_scsi_controller", json!({"ctrlr": "vs"}));
     d.rpc_ok("vhost_scsi_controller_add_target", json!({"ctrlr": "vs", "scsi_target_num": 0, "bdev_name": "U0"}));
     // Control, event and one request queue (index 2).

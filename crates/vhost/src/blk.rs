@@ -212,10 +212,10 @@ impl QueueHandler for BlkHandler {
             core.complete(head, ndesc, 0);
             return;
         }
-        let status = &chain.writable;
+        let writable = &chain.writable;
         let mut hdr = [0u8; 16];
         if chain.readable.total_len() < 16 {
-            return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
+            return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_IOERR, 1);
         }
         chain.readable.copy_to(&mut hdr);
         let rtype = u32::from_le_bytes(hdr[0..4].try_into().unwrap_or_default());
@@ -224,25 +224,25 @@ impl QueueHandler for BlkHandler {
         let op = match rtype {
             VIRTIO_BLK_T_IN => {
                 let Some((off, n)) = self.blocks(sector, data_in_len) else {
-                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
+                    return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_IOERR, 1);
                 };
                 let iovs = chain.writable.sub(0, data_in_len).unwrap_or_default();
                 (IoOp::Read { offset_blocks: off, num_blocks: n, iovs }, u32::try_from(wlen).unwrap_or(u32::MAX))
             }
             VIRTIO_BLK_T_OUT => {
                 if self.dev.ro() {
-                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
+                    return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_IOERR, 1);
                 }
                 let len = chain.readable.total_len() - 16;
                 let Some((off, n)) = self.blocks(sector, len) else {
-                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_IOERR, 1);
+                    return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_IOERR, 1);
                 };
                 let iovs = chain.readable.sub(16, len).unwrap_or_default();
                 (IoOp::Write { offset_blocks: off, num_blocks: n, iovs, fua: false }, 1)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.dev.bdev.io_type_supported(IoType::Flush) {
-                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_OK, 1);
+                    return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_OK, 1);
                 }
                 (IoOp::Flush, 1)
             }
@@ -253,17 +253,17 @@ impl QueueHandler for BlkHandler {
                 let n = usize::try_from(data_in_len).unwrap_or(0).min(GET_ID_BYTES);
                 chain.writable.copy_from(&buf[..n]);
                 let written = u32::try_from(n).unwrap_or(0) + 1;
-                return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_OK, written);
+                return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_OK, written);
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let wz = rtype == VIRTIO_BLK_T_WRITE_ZEROES;
                 let feature = if wz { VIRTIO_BLK_F_WRITE_ZEROES } else { VIRTIO_BLK_F_DISCARD };
                 if self.features & bit(feature) == 0 || self.dev.ro() {
-                    return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_UNSUPP, 1);
+                    return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_UNSUPP, 1);
                 }
                 let ranges = match self.segments(&chain, wz) {
                     Ok(r) => r,
-                    Err(s) => return Self::finish(core, head, ndesc, status, s, 1),
+                    Err(s) => return Self::finish(core, head, ndesc, writable, s, 1),
                 };
                 if wz {
                     let r = ranges[0];
@@ -272,11 +272,11 @@ impl QueueHandler for BlkHandler {
                     (IoOp::Unmap { ranges }, 1)
                 }
             }
-            _ => return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_UNSUPP, 1),
+            _ => return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_UNSUPP, 1),
         };
         let (op, written) = op;
         if let IoOp::Read { num_blocks: 0, .. } | IoOp::Write { num_blocks: 0, .. } = op {
-            return Self::finish(core, head, ndesc, status, VIRTIO_BLK_S_OK, written);
+            return Self::finish(core, head, ndesc, writable, VIRTIO_BLK_S_OK, written);
         }
         self.reqs[usize::from(head)] = Some(Req { ndesc, written, writable: chain.writable });
         if let Some(result) = self.ch.try_submit(op, IoCallback { sink: me.clone(), tag: u64::from(head) }) {

@@ -421,7 +421,8 @@ impl VirtqPoller {
                     Ok(heads) => {
                         tracing::debug!(ctrlr = %s.name, queue = i, n = heads.len(), base = vq.base(), "in-flight region attached");
                         if vq.base() != s.params.base {
-                            // Packed rings: after a crash the frontend's base is stale.
+                            // A packed ring after a crash (the frontend's base is stale), or a
+                            // split ring resuming after the requests it resubmits.
                             tracing::info!(ctrlr = %s.name, queue = i, frontend_base = s.params.base, base = vq.base(),
                                 "ring resumes where the in-flight region says, not at the frontend's base");
                         }

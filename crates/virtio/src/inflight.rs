@@ -487,6 +487,13 @@ mod tests {
         move || InflightPacked::new(unsafe { QueueRegion::new(p, 8) })
     }
 
+    /// A fresh region set up for a ring at slot 0, wrap counter 1.
+    fn started(new: &impl Fn() -> InflightPacked) -> InflightPacked {
+        let mut log = new();
+        assert!(log.recover(1 << 15, RING_PACKED, |_| 0).unwrap().chains.is_empty());
+        log
+    }
+
     fn d(addr: u64, id: u16) -> PackedDesc {
         PackedDesc { addr, len: 16, id, flags: AVAIL_W1 }
     }
@@ -502,8 +509,7 @@ mod tests {
     fn a_completion_cut_short_before_it_reached_the_ring_is_rolled_back() {
         let mut buf = vec![0u64; 64];
         let new = region(&mut buf);
-        let mut log = new();
-        log.recover(1 << 15, RING_PACKED, |_| 0).unwrap();
+        let mut log = started(&new);
         let e0 = take(&mut log, 0, 2);
         let _e1 = take(&mut log, 1, 1);
         // The device starts returning chain 0 (2 slots) and dies before writing the ring.
@@ -520,8 +526,7 @@ mod tests {
     fn a_completion_that_reached_the_ring_before_the_crash_is_finished() {
         let mut buf = vec![0u64; 64];
         let new = region(&mut buf);
-        let mut log = new();
-        log.recover(1 << 15, RING_PACKED, |_| 0).unwrap();
+        let mut log = started(&new);
         let e0 = take(&mut log, 0, 2);
         take(&mut log, 1, 1);
         log.pre_put(e0, 2, true);
@@ -541,8 +546,7 @@ mod tests {
     fn a_chain_recorded_but_not_committed_is_not_in_flight() {
         let mut buf = vec![0u64; 64];
         let new = region(&mut buf);
-        let mut log = new();
-        log.recover(1 << 15, RING_PACKED, |_| 0).unwrap();
+        let mut log = started(&new);
         take(&mut log, 0, 1);
         assert!(log.record(0, d(0, 1)) && log.record(1, d(0, 1)));
         let mut log = new(); // crash before commit
@@ -556,8 +560,7 @@ mod tests {
         let mut buf = vec![0u64; 64];
         {
             let new = region(&mut buf);
-            let mut log = new();
-            log.recover(1 << 15, RING_PACKED, |_| 0).unwrap();
+            let mut log = started(&new);
             take(&mut log, 0, 1);
         }
         buf[(PACKED_HDR + E_COUNTER) / 8] = u64::MAX;
@@ -572,8 +575,7 @@ mod tests {
         let mut buf = vec![0u64; 64];
         {
             let new = region(&mut buf);
-            let mut log = new();
-            log.recover(1 << 15, RING_PACKED, |_| 0).unwrap();
+            let mut log = started(&new);
             take(&mut log, 0, 2);
         }
         // Free list 2 -> 3 -> 2: a loop.

@@ -238,6 +238,9 @@ impl Virtqueue {
     /// the heads (split) or buffer ids (packed) a previous device instance left in flight, in
     /// the order it took them. A packed queue also takes its ring position from the region.
     pub fn attach_inflight(&mut self, region: inflight::QueueRegion, features: u64) -> Result<Vec<u16>, &'static str> {
+        if region.queue_size() != self.size() {
+            return Err("the in-flight region was made for a different queue size");
+        }
         match self {
             Virtqueue::Split(q) => q.attach_inflight(region, features),
             Virtqueue::Packed(q) => q.attach_inflight(region, features),

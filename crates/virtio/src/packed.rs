@@ -221,9 +221,6 @@ impl PackedQueue {
     /// the chains a previous device instance took and did not complete are returned in the
     /// order it took them. Resubmit each with [`resubmit`](Self::resubmit).
     pub fn attach_inflight(&mut self, region: QueueRegion, features: u64) -> Result<Vec<u16>, &'static str> {
-        if region.queue_size() != self.p.size {
-            return Err("the in-flight region was made for a different queue size");
-        }
         let mut log = InflightPacked::new(region);
         let base = self.base();
         let rec = log.recover(base, features, |slot| if slot < self.p.size { self.flags_at(slot) } else { 0 })?;

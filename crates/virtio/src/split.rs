@@ -167,9 +167,6 @@ impl SplitQueue {
     /// device instance took and did not complete, in the order it took them; the queue resumes
     /// after them. Resubmit each with [`resubmit`](Self::resubmit).
     pub fn attach_inflight(&mut self, region: QueueRegion, features: u64) -> Result<Vec<u16>, &'static str> {
-        if region.queue_size() != self.p.size {
-            return Err("the in-flight region was made for a different queue size");
-        }
         let log = InflightSplit::new(region);
         let (heads, counter) = log.recover(self.next_used, features)?;
         // Order numbers continue after the recovered ones, so a second crash resubmits in order.

@@ -374,15 +374,21 @@ fn packed_event_suppression() {
     assert_eq!(calls, vec![false, true, false], "only the completion that moves the used index past 2");
 }
 
+/// The shared in-flight region of a queue of 8 (here inside guest memory, for convenience): its
+/// guest address, and a maker of views of it.
+fn inflight_region(m: &GuestMemory) -> (u64, impl Fn() -> crate::inflight::QueueRegion) {
+    let region = 0x6_0000;
+    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
+    // SAFETY: `host` maps `queue_region_size(8)` bytes of guest memory that outlive every queue
+    // of the test; it is 8-aligned.
+    (region, move || unsafe { crate::inflight::QueueRegion::new(host, 8) })
+}
+
 #[test]
 fn inflight_records_survive_a_device_restart_and_resubmit_in_order() {
     let m = guest_mem();
     let mut d = SplitDriver::new(m.clone(), 8);
-    let region = 0x6_0000; // the shared in-flight region, here inside guest memory for convenience
-    let size = crate::inflight::queue_region_size(8);
-    let host = m.translate(region, size).unwrap();
-    // SAFETY: `host` maps `size` bytes of guest memory that outlive both queues; it is 8-aligned.
-    let log = || unsafe { crate::inflight::QueueRegion::new(host, 8) };
+    let (_, log) = inflight_region(&m);
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     assert!(q.attach_inflight(log(), 7).unwrap().is_empty(), "a fresh region has nothing in flight");
     for h in [2u16, 0, 5] {
@@ -412,10 +418,7 @@ fn inflight_records_survive_a_device_restart_and_resubmit_in_order() {
 fn inflight_recovery_clears_a_completion_published_before_the_crash() {
     let m = guest_mem();
     let mut d = SplitDriver::new(m.clone(), 8);
-    let region = 0x6_0000;
-    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
-    // SAFETY: as in the previous test.
-    let log = || unsafe { crate::inflight::QueueRegion::new(host, 8) };
+    let (region, log) = inflight_region(&m);
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     q.attach_inflight(log(), 0).unwrap();
     d.add(3, &[(DATA, 16, false)]);
@@ -437,10 +440,7 @@ fn split_inflight_order_numbers_at_the_top_of_the_range_do_not_overflow() {
     // Found by fuzzing: a region whose in-flight head carries the largest order number.
     let m = guest_mem();
     let mut d = SplitDriver::new(m.clone(), 8);
-    let region = 0x6_0000;
-    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
-    // SAFETY: as in the previous tests.
-    let log = || unsafe { crate::inflight::QueueRegion::new(host, 8) };
+    let (region, log) = inflight_region(&m);
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     q.attach_inflight(log(), 0).unwrap();
     d.add(3, &[(DATA, 16, false)]);
@@ -452,22 +452,13 @@ fn split_inflight_order_numbers_at_the_top_of_the_range_do_not_overflow() {
     assert_eq!(q2.resubmit(3).unwrap().head, 3);
 }
 
-/// The in-flight region of a packed queue, in guest memory for convenience.
-fn packed_region(m: &GuestMemory) -> (u64, impl Fn() -> crate::inflight::QueueRegion) {
-    let region = 0x6_0000;
-    let host = m.translate(region, crate::inflight::queue_region_size(8)).unwrap();
-    // SAFETY: `host` maps `queue_region_size(8)` bytes of guest memory that outlive every queue
-    // of the test; it is 8-aligned.
-    (region, move || unsafe { crate::inflight::QueueRegion::new(host, 8) })
-}
-
 const PACKED: u64 = features::RING_PACKED;
 
 #[test]
 fn packed_inflight_resubmits_from_copies_after_out_of_order_completion() {
     let m = guest_mem();
     let mut d = PackedDriver::new(m.clone(), 8);
-    let (_, log) = packed_region(&m);
+    let (_, log) = inflight_region(&m);
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     assert!(q.attach_inflight(log(), PACKED).unwrap().is_empty(), "a fresh region has nothing in flight");
     d.add(0, &[(DATA, 16, 0), (DATA + 0x100, 512, 2), (DATA + 0x300, 1, 2)]);
@@ -512,7 +503,7 @@ fn packed_inflight_resubmits_from_copies_after_out_of_order_completion() {
 fn packed_inflight_keeps_order_numbers_across_two_crashes() {
     let m = guest_mem();
     let mut d = PackedDriver::new(m.clone(), 8);
-    let (_, log) = packed_region(&m);
+    let (_, log) = inflight_region(&m);
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     q.attach_inflight(log(), PACKED).unwrap();
     d.add(5, &[(DATA, 16, 0)]);
@@ -532,7 +523,7 @@ fn packed_inflight_keeps_order_numbers_across_two_crashes() {
 fn inflight_region_of_the_other_layout_or_size_is_refused() {
     let m = guest_mem();
     let d = PackedDriver::new(m.clone(), 8);
-    let (_, log) = packed_region(&m);
+    let (_, log) = inflight_region(&m);
     let mut q = Virtqueue::new(&d.params(false, false), m.clone()).unwrap();
     q.attach_inflight(log(), PACKED).unwrap();
     drop(q);
